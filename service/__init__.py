@@ -1,0 +1,1 @@
+"""DermaSeg service and inference core (never imports TensorFlow)."""

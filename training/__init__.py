@@ -1,0 +1,1 @@
+"""DermaSeg training: data, augmentation, model, losses, metrics, training, evaluation and export."""
