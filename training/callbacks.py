@@ -1,0 +1,140 @@
+"""Keras callbacks of a run: curve plots, throughput, and the state that `--resume` needs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """Reads a run's ``history.csv`` (Keras CSVLogger) into a list of per-epoch dicts."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
+
+
+def plot_curves(history: list[dict[str, float]], path: Path, title: str = "") -> None:
+    """Writes loss and metric curves (training and validation) as a PNG, like the paper's Fig. 6."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [key for key in history[0] if not key.startswith("val_") and key not in ("epoch", "learning_rate")]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    epochs = [int(row["epoch"]) + 1 for row in history]
+    for axis, metric in zip(axes[0], metrics, strict=True):
+        axis.plot(epochs, [row.get(metric, np.nan) for row in history], label="training")
+        axis.plot(epochs, [row.get("val_" + metric, np.nan) for row in history], label="validation")
+        axis.set_title(metric)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+class CurvePlotter(keras.callbacks.Callback):
+    """Redraws ``curves.png`` from ``history.csv`` after every epoch (CSVLogger must run first)."""
+
+    def __init__(self, history_path: Path, plot_path: Path, title: str = "") -> None:
+        super().__init__()
+        self.history_path = history_path
+        self.plot_path = plot_path
+        self.title = title
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        history = read_history(self.history_path)
+        if history:
+            plot_curves(history, self.plot_path, self.title)
+
+
+class Throughput(keras.callbacks.Callback):
+    """Logs training images per second for each epoch (validation excluded) into ``logs``."""
+
+    def __init__(self, images_per_epoch: int) -> None:
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+        self._start = 0.0
+        self._train_seconds = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._start = time.perf_counter()
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._train_seconds = time.perf_counter() - self._start
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        seconds = self._train_seconds or (time.perf_counter() - self._start)
+        if logs is not None:
+            logs["images_per_second"] = self.images_per_epoch / max(seconds, 1e-9)
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+class ResumableState(keras.callbacks.Callback):
+    """Saves and restores the counters of the schedule callbacks, so `--resume` continues exactly.
+
+    Keras resets ReduceLROnPlateau, EarlyStopping and ModelCheckpoint at the start of ``fit``; this
+    callback (placed after them) puts their counters back from ``state.json``, and EarlyStopping's best
+    weights from the best checkpoint.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        best_checkpoint: Path,
+        reduce_lr: keras.callbacks.ReduceLROnPlateau,
+        early_stopping: keras.callbacks.EarlyStopping,
+        checkpoint: keras.callbacks.ModelCheckpoint,
+    ) -> None:
+        super().__init__()
+        self.path = path
+        self.best_checkpoint = best_checkpoint
+        self.reduce_lr = reduce_lr
+        self.early_stopping = early_stopping
+        self.checkpoint = checkpoint
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if not self.path.is_file():
+            return
+        state = json.loads(self.path.read_text())
+        self.reduce_lr.best = state["reduce_lr"]["best"]
+        self.reduce_lr.wait = state["reduce_lr"]["wait"]
+        self.reduce_lr.cooldown_counter = state["reduce_lr"]["cooldown_counter"]
+        self.early_stopping.best = state["early_stopping"]["best"]
+        self.early_stopping.wait = state["early_stopping"]["wait"]
+        self.early_stopping.best_epoch = state["early_stopping"]["best_epoch"]
+        self.checkpoint.best = state["checkpoint_best"]
+        if self.best_checkpoint.is_file():
+            best = keras.models.load_model(self.best_checkpoint, compile=False)
+            self.early_stopping.best_weights = best.get_weights()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        state = {
+            "epoch": epoch,
+            "reduce_lr": {
+                "best": _number(self.reduce_lr.best),
+                "wait": int(self.reduce_lr.wait),
+                "cooldown_counter": int(self.reduce_lr.cooldown_counter),
+            },
+            "early_stopping": {
+                "best": _number(self.early_stopping.best),
+                "wait": int(self.early_stopping.wait),
+                "best_epoch": int(self.early_stopping.best_epoch),
+            },
+            "checkpoint_best": _number(self.checkpoint.best),
+        }
+        self.path.write_text(json.dumps(state, indent=2) + "\n")

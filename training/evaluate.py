@@ -1,0 +1,151 @@
+"""Evaluation: a model (Keras checkpoint or ONNX) against expert masks, at each image's own size.
+
+The pre- and post-processing are those of `service.inference` — the same code the service runs — so a
+Keras checkpoint and its ONNX export are measured through one path and differ only in the network runner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from service.imaging import decode_image, load_mask
+from service.inference import DEFAULT_THRESHOLD, OnnxModel, Segmentation, Segmenter
+from training.data import DataError, Sample, load_samples, load_split
+from training.metrics import MetricAccumulator, confusion_counts, metrics_from_counts
+
+logger = logging.getLogger(__name__)
+
+
+def load_segmenter(model_path: Path, batch_size: int = 8, providers: Sequence[str] = ("cpu",)) -> Segmenter:
+    """A :class:`Segmenter` for an ``.onnx`` model (ONNX Runtime) or a ``.keras`` checkpoint (Keras).
+
+    Keras is imported only for a checkpoint, so evaluating an ONNX model needs no TensorFlow.
+    """
+    model_path = Path(model_path)
+    if model_path.suffix == ".onnx":
+        return OnnxModel(model_path, providers=providers).segmenter(batch_size=batch_size)
+    if model_path.suffix != ".keras":
+        raise DataError(f"{model_path}: expected a .keras checkpoint or an .onnx model")
+    import keras
+
+    import training.losses  # noqa: F401  (registers the custom loss for deserialization)
+
+    model = keras.models.load_model(model_path, compile=False)
+    height, width = model.input_shape[1:3]
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(keras.ops.convert_to_numpy(model(batch, training=False)), dtype=np.float32)
+
+    return Segmenter(predict, (int(height), int(width)), DEFAULT_THRESHOLD, batch_size=batch_size)
+
+
+def save_overlay(path: Path, image: np.ndarray, truth: np.ndarray, result: Segmentation, title: str) -> None:
+    """Writes an image / ground truth / prediction figure (the paper's Table 2 layout)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    axes[1].imshow(truth, cmap="gray")
+    axes[1].set_title("ground truth")
+    axes[2].imshow(image)
+    axes[2].contour(truth, levels=[0.5], colors="lime", linewidths=1.2)
+    axes[2].contour(result.mask, levels=[0.5], colors="red", linewidths=1.2)
+    axes[2].set_title("prediction (red) vs truth (green)")
+    for axis in axes:
+        axis.set_axis_off()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def evaluate(
+    model_path: Path,
+    roots: Sequence[Path],
+    *,
+    out: Path | None = None,
+    split: Path | None = None,
+    threshold: float | None = None,
+    overlays: Path | None = None,
+    batch_size: int = 8,
+    providers: Sequence[str] = ("cpu",),
+    flip_tta: bool = False,
+    largest_component: bool = False,
+    fill_holes: bool = False,
+    samples: Sequence[Sample] | None = None,
+) -> dict[str, Any]:
+    """Scores a model on every image of ``roots`` (or the validation side of ``split``).
+
+    Args:
+        model_path: ``.keras`` checkpoint or ``.onnx`` model.
+        roots: dataset folders (any supported layout).
+        out: where to write ``metrics.json``.
+        split: a run's ``split.json``: evaluate only its validation images.
+        threshold: probability threshold (default: the model's own, 0.5 for a checkpoint).
+        overlays: folder for one figure per image.
+        samples: the images to score, instead of discovering ``roots``.
+
+    Returns:
+        ``n_images``, ``threshold``, ``mean``, ``pooled``, ``thresholded_jaccard``, ``per_image`` and
+        what was evaluated.
+    """
+    if samples is None:
+        if split is not None:
+            _, samples = load_split(Path(split))
+        else:
+            samples = load_samples([Path(root) for root in roots])
+    if not samples:
+        raise DataError("nothing to evaluate: no images")
+    segmenter = load_segmenter(Path(model_path), batch_size=batch_size, providers=providers)
+    threshold = segmenter.threshold if threshold is None else threshold
+    if overlays is not None:
+        overlays.mkdir(parents=True, exist_ok=True)
+
+    accumulator = MetricAccumulator()
+    progress = tqdm(total=len(samples), desc="evaluate", unit="img")
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        images = [decode_image(sample.image_path) for sample in chunk]
+        results = segmenter.segment(
+            images, threshold, flip_tta=flip_tta, largest_component=largest_component, fill_holes=fill_holes
+        )
+        for sample, image, result in zip(chunk, images, results, strict=True):
+            truth = load_mask(sample.mask_path)
+            if truth.shape != result.mask.shape:
+                raise DataError(f"{sample.mask_path}: mask is {truth.shape[::-1]}, image {image.shape[1::-1]}")
+            accumulator.add(sample.id, result.mask, truth)
+            if overlays is not None:
+                dice = metrics_from_counts(*confusion_counts(result.mask, truth))["dice"]
+                save_overlay(overlays / f"{sample.id}.png", image, truth, result, f"{sample.id}  Dice {dice:.3f}")
+        progress.update(len(chunk))
+    progress.close()
+
+    summary = accumulator.summary()
+    summary.update(
+        {
+            "threshold": threshold,
+            "model": str(model_path),
+            "data": [str(root) for root in roots] if split is None else [f"validation split of {split}"],
+            "postprocess": {
+                "flip_tta": flip_tta, "largest_component": largest_component, "fill_holes": fill_holes
+            },
+            "input_size": list(segmenter.input_size),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

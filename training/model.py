@@ -1,0 +1,268 @@
+"""Segmentation networks: the paper's ResNet50V2 U-Net and the plain U-Net baseline.
+
+Both networks take one input named ``image``: float32 ``(N, H, W, 3)`` RGB in 0–255, and scale it
+themselves (the first layer), so an exported model is self-contained and the service never guesses the
+preprocessing. Both end in a 1×1 convolution with a sigmoid named ``probability`` that stays float32
+under mixed precision, so the probabilities (and the loss computed on them) keep full precision.
+
+Written with ``keras.layers`` / ``keras.ops`` only: the models build on any Keras backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from training.config import ARCHITECTURES
+
+# Encoder features the decoder concatenates, deepest first: output strides 16, 8, 4 and 2. In ResNet50V2
+# a stage downsamples in its last block, so each skip is the first ReLU of that last block — the last
+# feature map at the stage's full resolution. conv1_conv is the stem's 7×7 stride-2 convolution.
+RESNET50V2_SKIPS = ("conv4_block6_1_relu", "conv3_block4_1_relu", "conv2_block3_1_relu", "conv1_conv")
+RESNET50V2_BOTTLENECK = "post_relu"  # output stride 32
+RESNET50V2_STRIDE = 32
+
+# The file and hash keras.applications.ResNet50V2 downloads for include_top=False, so both share the
+# cache in ~/.keras/models. Downloaded here rather than by ResNet50V2 itself so that a failed download
+# surfaces as one clear error and "imagenet" and a local file take the same loading path.
+RESNET50V2_IMAGENET_FILE = "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
+RESNET50V2_IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + (
+    RESNET50V2_IMAGENET_FILE
+)
+RESNET50V2_IMAGENET_HASH = "fac2f116257151a9d068a22e544a4917"
+
+
+def _check_input_size(input_size: Sequence[int], multiple: int) -> tuple[int, int]:
+    height, width = (int(side) for side in input_size)
+    if height < multiple or width < multiple or height % multiple or width % multiple:
+        raise ValueError(
+            f"input size must be a multiple of {multiple} in both sides (the network downsamples "
+            f"{multiple}×), not {height}x{width}"
+        )
+    return height, width
+
+
+def ConvBlock(filters: int, name: str) -> Callable:
+    """Two (3×3 convolution without bias → batch normalization → ReLU), layers named ``{name}_conv1`` …"""
+
+    def apply(x):
+        for index in (1, 2):
+            x = layers.Conv2D(
+                filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
+                name=f"{name}_conv{index}",
+            )(x)
+            x = layers.BatchNormalization(name=f"{name}_bn{index}")(x)
+            x = layers.ReLU(name=f"{name}_relu{index}")(x)
+        return x
+
+    return apply
+
+
+def DecoderBlock(filters: int, stage: int, dropout_rate: float) -> Callable:
+    """One decoder stage: 2× transposed-convolution upsampling, skip concatenation, dropout, `ConvBlock`.
+
+    Layers are named ``decoder_stage{stage}_upsample``, ``_concat``, ``_dropout``, ``_conv1`` … so that
+    checkpoints, summaries and tests can address them.
+
+    Args:
+        filters: Output channels of the stage.
+        stage: 1 for the deepest stage.
+        dropout_rate: Dropout after the concatenation (0 switches it off).
+
+    Returns:
+        ``apply(x, skip=None)``; without a skip the stage only upsamples and convolves.
+    """
+    prefix = f"decoder_stage{stage}"
+
+    def apply(x, skip=None):
+        x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"{prefix}_upsample")(x)
+        if skip is not None:
+            x = layers.Concatenate(name=f"{prefix}_concat")([x, skip])
+        if dropout_rate > 0:
+            x = layers.Dropout(dropout_rate, name=f"{prefix}_dropout")(x)
+        return ConvBlock(filters, prefix)(x)
+
+    return apply
+
+
+def ProbabilityHead(name: str = "probability") -> Callable:
+    """1×1 convolution + sigmoid, float32 even under a mixed-precision policy."""
+
+    def apply(x):
+        return layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=name)(x)
+
+    return apply
+
+
+def _resolve_encoder_weights(encoder_weights: str | Path | None) -> Path | None:
+    """Turns ``encoder_weights`` into a local file (downloading ImageNet weights) or None."""
+    if encoder_weights is None or str(encoder_weights).lower() == "none":
+        return None
+    if str(encoder_weights) == "imagenet":
+        try:
+            # Looked up on keras.utils at call time, so tests can replace it.
+            return Path(
+                keras.utils.get_file(
+                    RESNET50V2_IMAGENET_FILE, RESNET50V2_IMAGENET_URL, cache_subdir="models",
+                    file_hash=RESNET50V2_IMAGENET_HASH,
+                )
+            )
+        except Exception as error:  # get_file raises bare Exception for network errors
+            raise RuntimeError(
+                f"could not download the ImageNet weights of ResNet50V2 from {RESNET50V2_IMAGENET_URL} "
+                f"({error}); download {RESNET50V2_IMAGENET_FILE} elsewhere and pass its path as the "
+                "encoder weights, or train from scratch with encoder weights 'none'"
+            ) from error
+    path = Path(encoder_weights)
+    if not path.is_file():
+        raise ValueError(
+            f"encoder weights must be 'imagenet', 'none' or the path to a weights file; no such file: {path}"
+        )
+    if not path.name.endswith((".h5", ".hdf5")):
+        raise ValueError(f"encoder weights file must be .h5 or .weights.h5, not {path.name}")
+    return path
+
+
+def _load_encoder_weights(encoder: keras.Model, path: Path) -> None:
+    """Loads ResNet50V2 no-top weights into ``encoder``.
+
+    ``.weights.h5`` (Keras 3) files load by structure; legacy ``.h5`` files (the ImageNet download, or a
+    Keras 2 / ``model.save("x.h5")`` file) load by layer name, after checking that the file holds every
+    layer of the encoder that has weights — loading by name alone would skip missing layers silently.
+    """
+    if path.name.endswith(".weights.h5"):
+        encoder.load_weights(path)
+        return
+    import h5py  # a Keras dependency
+
+    with h5py.File(path, "r") as file:
+        group = file["model_weights"] if "layer_names" not in file.attrs and "model_weights" in file else file
+        stored = {name.decode() if isinstance(name, bytes) else name for name in group.attrs["layer_names"]}
+    missing = [layer.name for layer in encoder.layers if layer.weights and layer.name not in stored]
+    if missing:
+        raise ValueError(
+            f"{path} is not a ResNet50V2 (no top) weights file: it lacks {len(missing)} encoder layers, "
+            f"e.g. {', '.join(missing[:3])}"
+        )
+    encoder.load_weights(path, by_name=True)
+
+
+def build_resnet50v2_unet(
+    input_size: Sequence[int] = (224, 224),
+    encoder_weights: str | Path | None = "imagenet",
+    decoder_filters: Sequence[int] = (512, 256, 128, 64, 32),
+    dropout_rate: float = 0.3,
+    name: str = "resnet50v2_unet",
+) -> keras.Model:
+    """The paper's network: a ResNet50V2 encoder and a five-stage U-Net decoder.
+
+    The encoder's layers keep their Keras names (``conv1_conv``, ``post_relu`` …); the decoder's are
+    ``decoder_stage{1..5}_…``. Stages 1–4 concatenate the `RESNET50V2_SKIPS` (output strides 16, 8, 4,
+    2); stage 5 upsamples to the input's resolution without a skip.
+
+    Args:
+        input_size: ``(height, width)``, each a multiple of 32.
+        encoder_weights: ``"imagenet"`` (downloaded by Keras and cached), ``None`` / ``"none"`` (random
+            initialisation), or the path of a ResNet50V2 no-top weights file (``.h5`` or ``.weights.h5``).
+        decoder_filters: Widths of the five decoder stages, deepest first.
+        dropout_rate: Dropout in each decoder stage.
+        name: Model name.
+
+    Returns:
+        A functional model ``image`` (float32 RGB 0–255) → ``probability`` (float32, ``(N, H, W, 1)``).
+
+    Raises:
+        ValueError: A bad input size, decoder width list or weights file.
+        RuntimeError: The ImageNet weights could not be downloaded.
+    """
+    height, width = _check_input_size(input_size, RESNET50V2_STRIDE)
+    decoder_filters = tuple(int(filters) for filters in decoder_filters)
+    if len(decoder_filters) != len(RESNET50V2_SKIPS) + 1:
+        raise ValueError(f"decoder filters must be {len(RESNET50V2_SKIPS) + 1} widths, not {decoder_filters}")
+    weights_path = _resolve_encoder_weights(encoder_weights)  # fails before anything is built
+
+    image = keras.Input((height, width, 3), name="image")
+    # ResNet50V2 expects x / 127.5 - 1 (keras.applications.resnet_v2.preprocess_input, "tf" mode).
+    scaled = layers.Rescaling(1 / 127.5, offset=-1, name="image_scaling")(image)
+    encoder = keras.applications.ResNet50V2(include_top=False, weights=None, input_tensor=scaled)
+    if weights_path is not None:
+        _load_encoder_weights(encoder, weights_path)
+
+    x = encoder.get_layer(RESNET50V2_BOTTLENECK).output
+    skips = [encoder.get_layer(layer_name).output for layer_name in RESNET50V2_SKIPS] + [None]
+    for stage, (filters, skip) in enumerate(zip(decoder_filters, skips, strict=True), start=1):
+        x = DecoderBlock(filters, stage, dropout_rate)(x, skip)
+    probability = ProbabilityHead()(x)
+    return keras.Model(image, probability, name=name)
+
+
+def build_unet(
+    input_size: Sequence[int] = (224, 224),
+    base_filters: int = 64,
+    depth: int = 4,
+    dropout_rate: float = 0.3,
+    name: str = "unet",
+) -> keras.Model:
+    """The plain U-Net baseline (Ronneberger et al., 2015), with batch normalization.
+
+    ``depth`` levels of `ConvBlock` + 2×2 max pooling (widths ``base_filters · 2^level``), a bottleneck
+    ``ConvBlock`` (``base_filters · 2^depth``), then ``depth`` `DecoderBlock` stages, each concatenating
+    the encoder level of its resolution. Differences from the paper, all usual today: "same" padding
+    (output size = input size), batch normalization after each convolution (and so no conv bias), and
+    dropout in the decoder stages as in the ResNet50V2 U-Net. The input is scaled to [0, 1].
+
+    Layers are named ``encoder_stage{1..depth}_…`` (1 = full resolution), ``bottleneck_…`` and
+    ``decoder_stage{1..depth}_…`` (1 = deepest).
+
+    Args:
+        input_size: ``(height, width)``, each a multiple of 32 (and of ``2**depth``).
+        base_filters: Widths of the first level.
+        depth: Number of poolings.
+        dropout_rate: Dropout in each decoder stage.
+        name: Model name.
+
+    Returns:
+        A functional model ``image`` (float32 RGB 0–255) → ``probability`` (float32, ``(N, H, W, 1)``).
+    """
+    if depth < 1 or base_filters < 1:
+        raise ValueError(f"depth and base filters must be at least 1, not {depth} and {base_filters}")
+    height, width = _check_input_size(input_size, max(RESNET50V2_STRIDE, 2**depth))
+
+    image = keras.Input((height, width, 3), name="image")
+    x = layers.Rescaling(1 / 255, name="image_scaling")(image)
+    skips = []
+    for level in range(depth):
+        x = ConvBlock(base_filters * 2**level, f"encoder_stage{level + 1}")(x)
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"encoder_stage{level + 1}_pool")(x)
+    x = ConvBlock(base_filters * 2**depth, "bottleneck")(x)
+    for stage, skip in enumerate(reversed(skips), start=1):
+        x = DecoderBlock(base_filters * 2 ** (depth - stage), stage, dropout_rate)(x, skip)
+    probability = ProbabilityHead()(x)
+    return keras.Model(image, probability, name=name)
+
+
+def build_model(
+    arch: str,
+    input_size: Sequence[int],
+    encoder_weights: str | Path | None = "imagenet",
+    decoder_filters: Sequence[int] = (512, 256, 128, 64, 32),
+    unet_base_filters: int = 64,
+    dropout_rate: float = 0.3,
+) -> keras.Model:
+    """Builds the network named by ``arch`` (one of `ARCHITECTURES`).
+
+    ``encoder_weights`` and ``decoder_filters`` apply to ``"resnet50v2-unet"``, ``unet_base_filters`` to
+    ``"unet"``; the other architecture's options are ignored.
+    """
+    if arch == "resnet50v2-unet":
+        return build_resnet50v2_unet(
+            input_size, encoder_weights=encoder_weights, decoder_filters=decoder_filters,
+            dropout_rate=dropout_rate,
+        )
+    if arch == "unet":
+        return build_unet(input_size, base_filters=unet_base_filters, dropout_rate=dropout_rate)
+    raise ValueError(f"architecture must be one of {ARCHITECTURES}, not {arch!r}")

@@ -1,0 +1,173 @@
+"""Training: `train(cfg) -> summary`, writing everything into one run directory.
+
+A run directory holds ``config.json`` (the resolved configuration), ``split.json`` (the images of each
+side), ``history.csv`` (one row per epoch), ``best.keras`` and ``last.keras``, ``state.json`` (what
+``--resume`` needs), ``curves.png`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from training.callbacks import CurvePlotter, ResumableState, Throughput, read_history
+from training.config import TrainConfig
+from training.data import DataError, load_samples, load_split, save_split, split_samples
+from training.dataset import SegmentationDataset
+from training.losses import get_loss
+from training.model import build_model
+
+logger = logging.getLogger(__name__)
+
+
+def compile_model(model: keras.Model, cfg: TrainConfig) -> None:
+    """Adam, the configured loss, and pixel metrics for the curves."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=cfg.learning_rate),
+        loss=get_loss(cfg.loss, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma),
+        metrics=[
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+            keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="jaccard"),
+            keras.metrics.Recall(name="sensitivity"),
+        ],
+    )
+
+
+def _prepare_run(cfg: TrainConfig | None, resume: Path | None, epochs: int | None) -> tuple[TrainConfig, Path]:
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.json").is_file():
+            raise DataError(f"{run_dir} is not a run directory (no config.json)")
+        cfg = TrainConfig.load(run_dir / "config.json")
+        if epochs is not None:
+            cfg.epochs = epochs
+            cfg.save(run_dir / "config.json")
+        return cfg, run_dir
+    if cfg is None:
+        raise ValueError("train() needs a config or a run directory to resume")
+    run_dir = Path(cfg.out)
+    if (run_dir / "config.json").exists():
+        raise DataError(f"{run_dir} already holds a run: choose another --out, or --resume {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")
+    return cfg, run_dir
+
+
+def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | None = None) -> dict[str, Any]:
+    """Trains a network as ``cfg`` says (or continues the run in ``resume``); returns the run summary.
+
+    Args:
+        cfg: the configuration of a new run (ignored when resuming).
+        resume: a run directory to continue from its last checkpoint.
+        epochs: with ``resume``, a new total number of epochs.
+    """
+    cfg, run_dir = _prepare_run(cfg, resume, epochs)
+    keras.utils.set_random_seed(cfg.seed)
+    keras.mixed_precision.set_global_policy(cfg.precision)
+
+    split_path = run_dir / "split.json"
+    if split_path.is_file():
+        train_samples, val_samples = load_split(split_path)
+    else:
+        samples = load_samples([Path(root) for root in cfg.data])
+        if cfg.max_images is not None:
+            samples = samples[: cfg.max_images]
+        train_samples, val_samples = split_samples(samples, cfg.val_fraction, cfg.seed)
+        save_split(split_path, train_samples, val_samples, seed=cfg.seed, val_fraction=cfg.val_fraction)
+    logger.info("training on %d images, validating on %d", len(train_samples), len(val_samples))
+
+    train_data = SegmentationDataset(
+        train_samples, cfg.image_size, cfg.batch_size, augment=cfg.augment, seed=cfg.seed, shuffle=True,
+        workers=cfg.workers,
+    )
+    val_data = SegmentationDataset(
+        val_samples, cfg.image_size, cfg.batch_size, augment=False, seed=cfg.seed, shuffle=False,
+        workers=cfg.workers,
+    )
+
+    last_path, best_path = run_dir / "last.keras", run_dir / "best.keras"
+    history_path = run_dir / "history.csv"
+    initial_epoch = len(read_history(history_path)) if last_path.is_file() else 0
+    if initial_epoch:
+        logger.info("resuming %s at epoch %d", run_dir, initial_epoch + 1)
+        model = keras.models.load_model(last_path)
+    else:
+        history_path.unlink(missing_ok=True)
+        (run_dir / "state.json").unlink(missing_ok=True)
+        model = build_model(
+            cfg.arch,
+            input_size=(cfg.image_size, cfg.image_size),
+            encoder_weights=cfg.encoder_weights,
+            decoder_filters=cfg.decoder_filters,
+            unet_base_filters=cfg.unet_base_filters,
+            dropout_rate=cfg.dropout_rate,
+        )
+        compile_model(model, cfg)
+
+    steps = cfg.steps_per_epoch or len(train_data)
+    best_checkpoint = keras.callbacks.ModelCheckpoint(best_path, monitor="val_loss", save_best_only=True)
+    reduce_lr = keras.callbacks.ReduceLROnPlateau(
+        monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr, verbose=1
+    )
+    early_stopping = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True, verbose=1
+    )
+    callbacks = [
+        Throughput(images_per_epoch=min(steps * cfg.batch_size, len(train_samples))),
+        best_checkpoint,
+        keras.callbacks.ModelCheckpoint(last_path),
+        reduce_lr,
+        early_stopping,
+        ResumableState(run_dir / "state.json", best_path, reduce_lr, early_stopping, best_checkpoint),
+        keras.callbacks.CSVLogger(history_path, append=True),
+        CurvePlotter(history_path, run_dir / "curves.png", title=f"{cfg.arch}, {cfg.loss} loss"),
+    ]
+    started = time.perf_counter()
+    if initial_epoch < cfg.epochs:
+        model.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=cfg.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=cfg.steps_per_epoch,
+            callbacks=callbacks,
+            verbose=2,
+        )
+    seconds = time.perf_counter() - started
+
+    history = read_history(history_path)
+    best_row = min(history, key=lambda row: row.get("val_loss", float("inf"))) if history else {}
+    summary = {
+        "run_dir": str(run_dir),
+        "epochs_run": len(history),
+        "epochs_planned": cfg.epochs,
+        "best_epoch": int(best_row.get("epoch", -1)) + 1,
+        "best_val_loss": best_row.get("val_loss", float("nan")),
+        "best_val_metrics": {k[4:]: v for k, v in best_row.items() if k.startswith("val_")},
+        "best_checkpoint": str(best_path),
+        "last_checkpoint": str(last_path),
+        "train_images": len(train_samples),
+        "val_images": len(val_samples),
+        "seconds_this_session": round(seconds, 1),
+        "median_images_per_second": _median([row["images_per_second"] for row in history
+                                             if "images_per_second" in row]),
+        "keras_backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+        "machine": platform.platform(),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
