@@ -54,7 +54,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "F":
         array = np.clip(np.asarray(image, dtype=np.float64), 0, 255).astype(np.uint8)
         return Image.fromarray(array, mode="L").convert("RGB")
-    if image.mode in ("P", "PA") and "transparency" in image.info or image.mode == "P":
+    if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Transparent pixels become white, like paper, rather than whatever colour they happen to hold.
@@ -113,7 +113,7 @@ def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
 
 
 def load_mask(path: str | Path) -> np.ndarray:
-    """Reads a ground-truth mask (any mode) and binarizes it at :data:`MASK_THRESHOLD`; returns bool ``(H, W)``."""
+    """Reads a ground-truth mask (any mode), binarized at :data:`MASK_THRESHOLD`; returns bool ``(H, W)``."""
     with Image.open(path) as image:
         gray = np.asarray(image.convert("L"))
     return gray >= MASK_THRESHOLD

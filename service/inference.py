@@ -158,7 +158,10 @@ class Segmenter:
     """
 
     def __init__(
-        self, predict: PredictFn, input_size: tuple[int, int], threshold: float = DEFAULT_THRESHOLD,
+        self,
+        predict: PredictFn,
+        input_size: tuple[int, int],
+        threshold: float = DEFAULT_THRESHOLD,
         batch_size: int = 8,
     ) -> None:
         self.predict = predict
@@ -202,8 +205,11 @@ class Segmenter:
             for image, prob in zip(chunk, probs, strict=True):
                 results.append(
                     postprocess(
-                        prob, image.shape[:2], threshold,
-                        largest_component=largest_component, fill_holes=fill_holes,
+                        prob,
+                        image.shape[:2],
+                        threshold,
+                        largest_component=largest_component,
+                        fill_holes=fill_holes,
                     )
                 )
         return results

@@ -17,7 +17,9 @@ def read_history(path: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     with path.open(newline="") as handle:
-        return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
+        return [
+            {key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)
+        ]
 
 
 def plot_curves(history: list[dict[str, float]], path: Path, title: str = "") -> None:
@@ -27,7 +29,9 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str = "") ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [key for key in history[0] if not key.startswith("val_") and key not in ("epoch", "learning_rate")]
+    metrics = [
+        key for key in history[0] if not key.startswith("val_") and key not in ("epoch", "learning_rate")
+    ]
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     epochs = [int(row["epoch"]) + 1 for row in history]
     for axis, metric in zip(axes[0], metrics, strict=True):

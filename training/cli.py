@@ -57,14 +57,17 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a segmentation network",
-        description="Train a ResNet50V2 U-Net (or the plain U-Net baseline). Defaults are the paper's Table 1.",
+        description="Train a ResNet50V2 U-Net (or the plain U-Net baseline). "
+        "Defaults are the paper's Table 1.",
     )
     parser.add_argument("--data", action="append", type=_existing_dir, help="dataset folder (repeatable)")
     parser.add_argument("--out", type=Path, help="run directory (created)")
     parser.add_argument("--resume", type=_existing_dir, metavar="RUN_DIR", help="continue an interrupted run")
     parser.add_argument("--arch", choices=ARCHITECTURES, default=defaults.arch)
     parser.add_argument("--encoder-weights", default=defaults.encoder_weights, help="imagenet, none, or PATH")
-    parser.add_argument("--decoder-filters", type=_positive_int, nargs=5, default=list(defaults.decoder_filters))
+    parser.add_argument(
+        "--decoder-filters", type=_positive_int, nargs=5, default=list(defaults.decoder_filters)
+    )
     parser.add_argument("--unet-base-filters", type=_positive_int, default=defaults.unet_base_filters)
     parser.add_argument("--dropout-rate", type=float, default=defaults.dropout_rate)
     parser.add_argument("--loss", choices=LOSSES, default=defaults.loss)
@@ -78,7 +81,9 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr-factor", type=float, default=defaults.lr_factor)
     parser.add_argument("--lr-patience", type=_positive_int, default=defaults.lr_patience)
     parser.add_argument("--min-lr", type=float, default=defaults.min_lr)
-    parser.add_argument("--early-stopping-patience", type=_positive_int, default=defaults.early_stopping_patience)
+    parser.add_argument(
+        "--early-stopping-patience", type=_positive_int, default=defaults.early_stopping_patience
+    )
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
@@ -100,15 +105,31 @@ def _run_train(args: argparse.Namespace) -> int:
             raise CommandError("train needs --out RUN_DIR")
         try:
             cfg = TrainConfig(
-                data=[str(p) for p in args.data], out=str(args.out), arch=args.arch,
-                encoder_weights=args.encoder_weights, decoder_filters=tuple(args.decoder_filters),
-                unet_base_filters=args.unet_base_filters, dropout_rate=args.dropout_rate, loss=args.loss,
-                focal_alpha=args.focal_alpha, focal_gamma=args.focal_gamma, augment=args.augment,
-                image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
-                learning_rate=args.learning_rate, lr_factor=args.lr_factor, lr_patience=args.lr_patience,
-                min_lr=args.min_lr, early_stopping_patience=args.early_stopping_patience,
-                val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
-                workers=args.workers, steps_per_epoch=args.steps_per_epoch, max_images=args.max_images,
+                data=[str(p) for p in args.data],
+                out=str(args.out),
+                arch=args.arch,
+                encoder_weights=args.encoder_weights,
+                decoder_filters=tuple(args.decoder_filters),
+                unet_base_filters=args.unet_base_filters,
+                dropout_rate=args.dropout_rate,
+                loss=args.loss,
+                focal_alpha=args.focal_alpha,
+                focal_gamma=args.focal_gamma,
+                augment=args.augment,
+                image_size=args.image_size,
+                batch_size=args.batch_size,
+                epochs=args.epochs,
+                learning_rate=args.learning_rate,
+                lr_factor=args.lr_factor,
+                lr_patience=args.lr_patience,
+                min_lr=args.min_lr,
+                early_stopping_patience=args.early_stopping_patience,
+                val_fraction=args.val_fraction,
+                seed=args.seed,
+                precision=args.precision,
+                workers=args.workers,
+                steps_per_epoch=args.steps_per_epoch,
+                max_images=args.max_images,
             )
         except ConfigError as error:
             raise CommandError(str(error)) from None
@@ -135,7 +156,9 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         "compare with its mask: accuracy, Dice, Jaccard, sensitivity, specificity (per-image mean and "
         "pooled) and the ISIC 2018 thresholded Jaccard.",
     )
-    parser.add_argument("--model", type=_existing_path, required=True, help="a .keras checkpoint or .onnx model")
+    parser.add_argument(
+        "--model", type=_existing_path, required=True, help="a .keras checkpoint or .onnx model"
+    )
     parser.add_argument("--data", action="append", type=_existing_dir, required=True, help="dataset folder")
     parser.add_argument("--split", type=Path, help="split.json of a run: evaluate its validation images only")
     parser.add_argument("--out", type=Path, required=True, help="metrics.json to write")
@@ -150,9 +173,17 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate
 
     result = evaluate(
-        args.model, args.data, out=args.out, split=args.split, threshold=args.threshold,
-        overlays=args.overlays, batch_size=args.batch_size, providers=args.providers,
-        flip_tta=args.flip_tta, largest_component=args.largest_component, fill_holes=args.fill_holes,
+        args.model,
+        args.data,
+        out=args.out,
+        split=args.split,
+        threshold=args.threshold,
+        overlays=args.overlays,
+        batch_size=args.batch_size,
+        providers=args.providers,
+        flip_tta=args.flip_tta,
+        largest_component=args.largest_component,
+        fill_holes=args.fill_holes,
     )
     mean = result["mean"]
     print(
@@ -175,13 +206,25 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, help="models/NAME.onnx")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument(
-        "--variants", nargs="*", default=[], choices=["float16", "int8"],
+        "--variants",
+        nargs="*",
+        default=[],
+        choices=["float16", "int8"],
         help="also write these variants beside the float32 model (NAME.fp16.onnx, NAME.int8.onnx)",
     )
-    parser.add_argument("--ship", choices=["float32", "float16", "int8"], default=None,
-                        help="which precision goes to --out (default float32)")
-    parser.add_argument("--calibration-data", action="append", type=_existing_dir, default=[],
-                        help="dataset folder for int8 calibration and the variants' Dice check")
+    parser.add_argument(
+        "--ship",
+        choices=["float32", "float16", "int8"],
+        default=None,
+        help="which precision goes to --out (default float32)",
+    )
+    parser.add_argument(
+        "--calibration-data",
+        action="append",
+        type=_existing_dir,
+        default=[],
+        help="dataset folder for int8 calibration and the variants' Dice check",
+    )
     parser.add_argument("--name", default=None, help="model name (default: the file's stem)")
     parser.add_argument("--version", default="0.1.0")
     parser.add_argument("--triton", type=Path, default=None, help="also write a Triton model repository here")
@@ -233,13 +276,18 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_train, _add_evaluate, _add_export, _add_predict, _add_serve,
+    _add_train,
+    _add_evaluate,
+    _add_export,
+    _add_predict,
+    _add_serve,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dermaseg", description="Skin-lesion segmentation: train, "
-                                     "evaluate, export, predict and serve.")
+    parser = argparse.ArgumentParser(
+        prog="dermaseg", description="Skin-lesion segmentation: train, evaluate, export, predict and serve."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
@@ -251,7 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parses, runs, and turns expected failures into one-line messages."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
     from service.imaging import ImageDecodeError
     from service.inference import ModelLoadError
     from training.data import DataError

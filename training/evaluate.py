@@ -19,7 +19,7 @@ from tqdm import tqdm
 from service.imaging import decode_image, load_mask
 from service.inference import DEFAULT_THRESHOLD, OnnxModel, Segmentation, Segmenter
 from training.data import DataError, Sample, load_samples, load_split
-from training.metrics import MetricAccumulator, confusion_counts, metrics_from_counts
+from training.metrics import MetricAccumulator
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +124,13 @@ def evaluate(
         for sample, image, result in zip(chunk, images, results, strict=True):
             truth = load_mask(sample.mask_path)
             if truth.shape != result.mask.shape:
-                raise DataError(f"{sample.mask_path}: mask is {truth.shape[::-1]}, image {image.shape[1::-1]}")
-            accumulator.add(sample.id, result.mask, truth)
+                raise DataError(
+                    f"{sample.mask_path}: mask is {truth.shape[::-1]} but image {image.shape[1::-1]} (w, h)"
+                )
+            scores = accumulator.add(sample.id, result.mask, truth)
             if overlays is not None:
-                dice = metrics_from_counts(*confusion_counts(result.mask, truth))["dice"]
-                save_overlay(overlays / f"{sample.id}.png", image, truth, result, f"{sample.id}  Dice {dice:.3f}")
+                title = f"{sample.id}  Dice {scores['dice']:.3f}"
+                save_overlay(overlays / f"{sample.id}.png", image, truth, result, title)
         progress.update(len(chunk))
     progress.close()
 
@@ -139,7 +141,9 @@ def evaluate(
             "model": str(model_path),
             "data": [str(root) for root in roots] if split is None else [f"validation split of {split}"],
             "postprocess": {
-                "flip_tta": flip_tta, "largest_component": largest_component, "fill_holes": fill_holes
+                "flip_tta": flip_tta,
+                "largest_component": largest_component,
+                "fill_holes": fill_holes,
             },
             "input_size": list(segmenter.input_size),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),

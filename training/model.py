@@ -51,7 +51,11 @@ def ConvBlock(filters: int, name: str) -> Callable:
     def apply(x):
         for index in (1, 2):
             x = layers.Conv2D(
-                filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
+                filters,
+                3,
+                padding="same",
+                use_bias=False,
+                kernel_initializer="he_normal",
                 name=f"{name}_conv{index}",
             )(x)
             x = layers.BatchNormalization(name=f"{name}_bn{index}")(x)
@@ -106,7 +110,9 @@ def _resolve_encoder_weights(encoder_weights: str | Path | None) -> Path | None:
             # Looked up on keras.utils at call time, so tests can replace it.
             return Path(
                 keras.utils.get_file(
-                    RESNET50V2_IMAGENET_FILE, RESNET50V2_IMAGENET_URL, cache_subdir="models",
+                    RESNET50V2_IMAGENET_FILE,
+                    RESNET50V2_IMAGENET_URL,
+                    cache_subdir="models",
                     file_hash=RESNET50V2_IMAGENET_HASH,
                 )
             )
@@ -253,14 +259,28 @@ def build_model(
     unet_base_filters: int = 64,
     dropout_rate: float = 0.3,
 ) -> keras.Model:
-    """Builds the network named by ``arch`` (one of `ARCHITECTURES`).
+    """Builds the network named by ``arch``, with the options of `training.config.TrainConfig`.
 
-    ``encoder_weights`` and ``decoder_filters`` apply to ``"resnet50v2-unet"``, ``unet_base_filters`` to
-    ``"unet"``; the other architecture's options are ignored.
+    Args:
+        arch: ``"resnet50v2-unet"`` (`build_resnet50v2_unet`) or ``"unet"`` (`build_unet`).
+        input_size: ``(height, width)``, each a multiple of 32.
+        encoder_weights: ResNet50V2 U-Net only: ``"imagenet"``, ``None`` / ``"none"`` or a weights file.
+        decoder_filters: ResNet50V2 U-Net only: the five decoder widths, deepest first.
+        unet_base_filters: Plain U-Net only: widths of its first level.
+        dropout_rate: Dropout in each decoder stage.
+
+    Returns:
+        The uncompiled model: ``image`` (float32 RGB 0–255) → ``probability`` (float32, ``(N, H, W, 1)``).
+
+    Raises:
+        ValueError: An unknown architecture or a bad option.
+        RuntimeError: The ImageNet weights could not be downloaded.
     """
     if arch == "resnet50v2-unet":
         return build_resnet50v2_unet(
-            input_size, encoder_weights=encoder_weights, decoder_filters=decoder_filters,
+            input_size,
+            encoder_weights=encoder_weights,
+            decoder_filters=decoder_filters,
             dropout_rate=dropout_rate,
         )
     if arch == "unet":

@@ -39,7 +39,9 @@ def compile_model(model: keras.Model, cfg: TrainConfig) -> None:
     )
 
 
-def _prepare_run(cfg: TrainConfig | None, resume: Path | None, epochs: int | None) -> tuple[TrainConfig, Path]:
+def _prepare_run(
+    cfg: TrainConfig | None, resume: Path | None, epochs: int | None
+) -> tuple[TrainConfig, Path]:
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.json").is_file():
@@ -83,11 +85,21 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
     logger.info("training on %d images, validating on %d", len(train_samples), len(val_samples))
 
     train_data = SegmentationDataset(
-        train_samples, cfg.image_size, cfg.batch_size, augment=cfg.augment, seed=cfg.seed, shuffle=True,
+        train_samples,
+        cfg.image_size,
+        cfg.batch_size,
+        augment=cfg.augment,
+        seed=cfg.seed,
+        shuffle=True,
         workers=cfg.workers,
     )
     val_data = SegmentationDataset(
-        val_samples, cfg.image_size, cfg.batch_size, augment=False, seed=cfg.seed, shuffle=False,
+        val_samples,
+        cfg.image_size,
+        cfg.batch_size,
+        augment=False,
+        seed=cfg.seed,
+        shuffle=False,
         workers=cfg.workers,
     )
 
@@ -155,8 +167,9 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
         "train_images": len(train_samples),
         "val_images": len(val_samples),
         "seconds_this_session": round(seconds, 1),
-        "median_images_per_second": _median([row["images_per_second"] for row in history
-                                             if "images_per_second" in row]),
+        "median_images_per_second": _median(
+            [row["images_per_second"] for row in history if "images_per_second" in row]
+        ),
         "keras_backend": keras.backend.backend(),
         "keras_version": keras.__version__,
         "machine": platform.platform(),

@@ -1,0 +1,129 @@
+"""The service's settings: one pydantic-settings class, read from ``DERMASEG_*`` environment variables.
+
+This is the only place in the service that reads the environment. Lists (providers, API keys, CORS
+origins) may be given as JSON (``["cuda", "cpu"]``) or comma-separated (``cuda,cpu``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: The repository (or, installed, the site-packages) folder that holds ``service/``.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+#: Where the shipped model lives in a checkout.
+DEFAULT_MODEL_PATH = PACKAGE_ROOT / "models" / "dermaseg.onnx"
+
+MIB = 1024 * 1024
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def _split_list(value: Any) -> Any:
+    """Accepts a JSON list or a comma-separated string for list settings given as text."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """DermaSeg service settings (environment variables ``DERMASEG_<FIELD>``, e.g. ``DERMASEG_PROVIDERS``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DERMASEG_", extra="ignore", populate_by_name=True, frozen=True
+    )
+
+    model_path: Path = Field(
+        default=DEFAULT_MODEL_PATH,
+        description="The ONNX model to serve. A relative path is taken from the current directory; "
+        "the default is models/dermaseg.onnx beside the service package.",
+    )
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["cpu"],
+        description="ONNX Runtime execution providers in order of preference: cpu, cuda, tensorrt or "
+        "full provider names. CPU is always the last resort.",
+    )
+    require_providers: bool = Field(
+        default=False,
+        description="When the first provider (e.g. cuda) is not what the session really runs on, report "
+        "not-ready (503) and refuse to segment instead of serving from the fallback.",
+    )
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime intra-op threads (0: its choice)."
+    )
+    inter_op_threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime inter-op threads (0: its choice)."
+    )
+    warmup_runs: int = Field(default=1, ge=0, description="Inferences run at start-up before ready.")
+
+    max_upload_bytes: int = Field(
+        default=20 * MIB, ge=1, description="Largest request body accepted, in bytes (413 beyond)."
+    )
+    max_pixels: int = Field(
+        default=50_000_000,
+        ge=1,
+        description="Largest image accepted, in pixels (width × height; 413 beyond).",
+    )
+    max_concurrency: int = Field(
+        default=2, ge=1, description="Segmentations (decode, inference, encode) run at the same time."
+    )
+    max_queued: int = Field(
+        default=16,
+        ge=0,
+        description="Requests allowed to wait for a free slot; beyond that: 503 with Retry-After.",
+    )
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After (seconds) sent with 503 overloaded.")
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="When set, /segment and /v1/model need one of these keys in X-API-Key or "
+        "Authorization: Bearer (health and metrics stay open).",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (none by default: CORS off)."
+    )
+    docs: bool = Field(default=True, description="Serve /docs, /redoc and /openapi.json.")
+    log_level: LogLevel = Field(default="INFO", description="Logging level.")
+
+    host: str = Field(default="127.0.0.1", description="Address `python -m service.main` listens on.")
+    port: int = Field(
+        default=8000,
+        ge=1,
+        le=65535,
+        validation_alias=AliasChoices("DERMASEG_PORT", "PORT", "port"),
+        description="Port `python -m service.main` listens on (DERMASEG_PORT, or PORT as platforms set it).",
+    )
+
+    @field_validator("providers", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _lists_from_text(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("providers")
+    @classmethod
+    def _some_provider(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one provider is needed (e.g. cpu)")
+        return value
+
+    @field_validator("model_path")
+    @classmethod
+    def _absolute_model_path(cls, value: Path) -> Path:
+        # Resolved once, so that what the logs say does not depend on a later chdir.
+        return value.expanduser().resolve()
+
+    def api_key_bytes(self) -> list[bytes]:
+        """The API keys as bytes, for constant-time comparison."""
+        return [key.get_secret_value().encode() for key in self.api_keys]

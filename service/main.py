@@ -1,0 +1,281 @@
+"""The FastAPI app factory, its lifespan, and ``serve()`` / ``python -m service.main``.
+
+``create_app(settings)`` builds the app without touching the model; the lifespan loads it once, warms it
+up and only then marks the app ready. A missing or corrupt model fails the start-up with one clear line
+(uvicorn then exits non-zero); a required provider that is not in use leaves the app up but not ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from importlib import metadata
+from pathlib import Path
+
+import anyio.to_thread
+import numpy as np
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.config import Settings
+from service.errors import install_error_handlers
+from service.inference import ModelLoadError, OnnxModel, Segmenter, resolve_providers
+from service.observability import Metrics, RequestMiddleware, configure_logging
+from service.routes import health, model, segment
+from service.routes import metrics as metrics_routes
+from service.routes.deps import InferenceLimiter, ServedModel
+
+logger = logging.getLogger("dermaseg")
+
+DESCRIPTION = """Skin-lesion segmentation of dermoscopic photos (research use, not for diagnosis).
+
+Upload a photo to `POST /segment` as multipart/form-data (field `file`); the answer holds the lesion's
+mask and probability map as PNGs the size of the photo, its area and bounding box. Errors are
+`{"error": {"code": "...", "message": "..."}}` with a stable code. When the service is configured with
+API keys, `/segment` and `/v1/model` need `X-API-Key` or `Authorization: Bearer`; health and metrics are
+always open.
+"""
+
+OPENAPI_TAGS = [
+    {"name": "segmentation", "description": "Segment a photo."},
+    {"name": "model", "description": "The served model."},
+    {"name": "health", "description": "Liveness and readiness probes."},
+    {"name": "metrics", "description": "Prometheus metrics."},
+]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("dermaseg")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _preload_cuda_libraries(providers: Sequence[str]) -> None:
+    """Loads the CUDA/cuDNN libraries from PyPI (``onnxruntime-gpu[cuda,cudnn]``) before the session.
+
+    Without this the CUDA provider cannot find them (they are not on the loader path) and ONNX Runtime
+    silently falls back to CPU.
+    """
+    if "CUDAExecutionProvider" not in resolve_providers(providers):
+        return
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or "CUDAExecutionProvider" not in ort.get_available_providers():
+        return
+    try:
+        preload()
+    except Exception as error:  # a missing library shows up as the provider not in use; say why here
+        logger.warning("could not preload the CUDA libraries: %s", error)
+
+
+def load_served_model(settings: Settings) -> ServedModel:
+    """Opens the ONNX model on the providers asked for and checks what it really runs on.
+
+    Raises:
+        ModelLoadError: missing, unreadable or non-conforming model.
+    """
+    _preload_cuda_libraries(settings.providers)
+    onnx_model = OnnxModel(
+        settings.model_path,
+        settings.providers,
+        # Checked below instead, so that a missing provider makes the app not-ready (503) rather than absent.
+        require_providers=False,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+    )
+    first_wanted = resolve_providers(settings.providers)[0]
+    reason = None
+    if settings.require_providers and first_wanted not in onnx_model.providers:
+        reason = f"{first_wanted} was required but the session runs on {onnx_model.providers}"
+    return ServedModel(
+        info=onnx_model.info,
+        segmenter=onnx_model.segmenter(batch_size=1),
+        providers=list(onnx_model.providers),
+        requested_providers=list(settings.providers),
+        sha256=_sha256(onnx_model.path),
+        not_ready_reason=reason,
+    )
+
+
+def warm_up(segmenter: Segmenter, runs: int) -> None:
+    """Runs the whole pipeline on a gray photo so that the first request does not pay for lazy set-up."""
+    height, width = segmenter.input_size
+    photo = np.full((height, width, 3), 128, dtype=np.uint8)
+    for _ in range(runs):
+        segmenter.segment([photo])
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    started = time.perf_counter()
+    try:
+        served = await anyio.to_thread.run_sync(load_served_model, settings)
+    except ModelLoadError as error:
+        app.state.startup_error = f"cannot start DermaSeg: {error}"
+        raise
+    await anyio.to_thread.run_sync(warm_up, served.segmenter, settings.warmup_runs)
+    app.state.served = served
+    app.state.ready = served.not_ready_reason is None
+    metrics.set_model(served.info.name, served.info.version, served.providers, app.state.ready)
+    if served.not_ready_reason:
+        logger.error("model loaded but NOT READY: %s", served.not_ready_reason)
+    else:
+        logger.info(
+            "ready: model %s %s on %s (loaded and warmed up in %.0f ms)",
+            served.info.name,
+            served.info.version,
+            ",".join(served.providers),
+            (time.perf_counter() - started) * 1000.0,
+        )
+    try:
+        yield
+    finally:
+        app.state.ready = False
+        metrics.ready.set(0)
+
+
+class _OneLineStartupFailure:
+    """Replaces the traceback of a failed start-up by the lifespan's one-line reason (ModelLoadError).
+
+    The server (uvicorn) logs the lifespan's failure message; for a missing or corrupt model file the
+    operator needs one clear sentence, not a stack trace. Other failures keep their traceback.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_short(message: Message) -> None:
+            reason = getattr(scope["app"].state, "startup_error", None)
+            if message["type"] == "lifespan.startup.failed" and reason:
+                message = {**message, "message": reason}
+            await send(message)
+
+        await self.app(scope, receive, send_short)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Builds the app (routes, error handlers, middleware); the model is loaded by its lifespan.
+
+    Args:
+        settings: defaults to ``Settings()``, i.e. the ``DERMASEG_*`` environment.
+    """
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics()
+    app = FastAPI(
+        title="DermaSeg",
+        summary="Skin-lesion segmentation service",
+        description=DESCRIPTION,
+        version=_version(),
+        lifespan=_lifespan,
+        openapi_tags=OPENAPI_TAGS,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.limiter = InferenceLimiter(
+        settings.max_concurrency, settings.max_queued, settings.retry_after_s, metrics
+    )
+    app.state.served = None
+    app.state.ready = False
+    app.state.startup_error = None
+    install_error_handlers(app)
+    app.include_router(segment.router)
+    app.include_router(model.router)
+    app.include_router(health.router)
+    app.include_router(metrics_routes.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type", "Accept"],
+            expose_headers=["X-Request-ID", "Server-Timing", "X-Lesion-Found", "X-Lesion-Area-Px", "X-Model"],
+        )
+    # Added last, so outermost: it sees (and counts, and logs) every request, CORS preflights included.
+    app.add_middleware(RequestMiddleware, metrics=metrics)
+    app.add_middleware(_OneLineStartupFailure)
+    return app
+
+
+def load_settings(model: Path | None = None) -> Settings:
+    """``Settings()`` from the environment (``model`` overrides the model path); bad values exit 2."""
+    try:
+        return Settings(model_path=model) if model is not None else Settings()
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        print(f"dermaseg: invalid settings (DERMASEG_* environment): {problems}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def serve(
+    host: str = "127.0.0.1", port: int = 8000, model: Path | None = None, *, settings: Settings | None = None
+) -> None:
+    """Runs the service with uvicorn until interrupted (exits with status 3 when the start-up fails).
+
+    Args:
+        host / port: where to listen.
+        model: an ONNX model to serve instead of the one in the settings.
+        settings: defaults to the environment's.
+    """
+    import uvicorn
+
+    if settings is None:
+        settings = load_settings(model)
+    elif model is not None:
+        settings = settings.model_copy(update={"model_path": Path(model).expanduser().resolve()})
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,  # keep configure_logging's format for uvicorn's own lines
+        access_log=False,  # RequestMiddleware writes the access log (with request ids, without queries)
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m service.main``: host and port default to the settings (DERMASEG_HOST, PORT)."""
+    parser = argparse.ArgumentParser(prog="python -m service.main", description="Run the DermaSeg service.")
+    parser.add_argument("--host", default=None, help="default: DERMASEG_HOST or 127.0.0.1")
+    parser.add_argument("--port", type=int, default=None, help="default: DERMASEG_PORT, PORT or 8000")
+    parser.add_argument("--model", type=Path, default=None, help="default: DERMASEG_MODEL_PATH")
+    args = parser.parse_args(argv)
+    settings = load_settings(args.model)
+    serve(
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        settings=settings,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""HTTP routes, one module per concern, and the dependencies they share (``deps``)."""

@@ -1,0 +1,37 @@
+"""The model card: what the served model says about itself and how it runs here."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from service.inference import META_PREFIX
+from service.routes.deps import LoadedModelDep, require_api_key
+from service.schemas import ErrorResponse, ImageSize, ModelCard
+
+router = APIRouter(prefix="/v1", tags=["model"], dependencies=[Depends(require_api_key)])
+
+
+@router.get(
+    "/model",
+    operation_id="get_model",
+    response_model=ModelCard,
+    responses={
+        401: {"model": ErrorResponse, "description": "API keys are configured and none valid was given."},
+        503: {"model": ErrorResponse, "description": "not_ready: the model is still loading."},
+    },
+)
+async def get_model(served: LoadedModelDep) -> ModelCard:
+    """The served model's card, metadata and execution providers."""
+    info = served.info
+    height, width = info.input_size
+    return ModelCard(
+        name=info.name,
+        version=info.version,
+        input_size=ImageSize(width=width, height=height),
+        threshold=info.threshold,
+        providers=served.providers,
+        requested_providers=served.requested_providers,
+        sha256=served.sha256,
+        card=info.card,
+        metadata={key: value for key, value in info.metadata.items() if key != META_PREFIX + "card"},
+    )

@@ -1,0 +1,307 @@
+"""``POST /segment``: a photo in, the lesion's mask, probability map and measurements out.
+
+upload (in memory, size-capped) → inference slot (bounded; 503 when saturated) → in a worker thread:
+decode → preprocess → ONNX Runtime → postprocess → PNG encode. The event loop never decodes or infers.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import anyio.to_thread
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.errors import ServiceError
+from service.imaging import ImageDecodeError, decode_image, encode_png
+from service.inference import Segmentation, Segmenter, postprocess, preprocess
+from service.observability import Metrics, request_state
+from service.routes.deps import (
+    LimiterDep,
+    MetricsDep,
+    SegmenterDep,
+    ServedModelDep,
+    SettingsDep,
+    require_api_key,
+)
+from service.routes.upload import read_upload
+from service.schemas import (
+    BoundingBox,
+    ErrorResponse,
+    ImageSize,
+    Lesion,
+    ModelRef,
+    SegmentOptions,
+    SegmentResponse,
+    Timings,
+)
+
+router = APIRouter(tags=["segmentation"], dependencies=[Depends(require_api_key)])
+
+FILE_FIELD = "file"
+OUTPUT_NAMES = ("mask", "probability")
+_OUTPUTS_PATTERN = r"^((mask|probability)(,(mask|probability))*)?$"
+
+_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": [FILE_FIELD],
+                "properties": {
+                    FILE_FIELD: {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "The photo: JPEG, PNG, BMP or TIFF (EXIF orientation is applied).",
+                    }
+                },
+            }
+        }
+    },
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The segmentation as JSON; with format=png or Accept: image/png, the mask as PNG.",
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    400: _error("undecodable_image: the bytes are not a readable image; malformed_request: bad multipart."),
+    401: _error("unauthorized: API keys are configured and none valid was given."),
+    413: _error("payload_too_large: over the byte limit; image_too_large: over the pixel limit."),
+    415: _error("unsupported_media_type: not JPEG, PNG, BMP or TIFF, or the request is not multipart."),
+    422: _error("validation_error: the file field is missing or an option is out of range."),
+    500: _error("internal_error: an unexpected failure (details are in the server log only)."),
+    503: _error(
+        "overloaded (with Retry-After): too many requests waiting; not_ready: the model is not ready."
+    ),
+}
+
+
+@dataclass
+class _Outcome:
+    """What the worker thread hands back to the route."""
+
+    segmentation: Segmentation
+    height: int
+    width: int
+    mask_png: bytes | None
+    mask_base64: str | None
+    probability_base64: str | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _b64(png: bytes | None) -> str | None:
+    return base64.b64encode(png).decode("ascii") if png is not None else None
+
+
+def probability_to_uint8(probability: np.ndarray) -> np.ndarray:
+    """The confidence map's pixels: round(probability × 255) as uint8."""
+    return np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _segment_photo(
+    segmenter: Segmenter,
+    data: bytes,
+    *,
+    max_pixels: int,
+    options: SegmentOptions,
+    want_mask: bool,
+    want_probability: bool,
+    base64_encode: bool,
+    metrics: Metrics,
+) -> _Outcome:
+    """Decode → preprocess → session → postprocess → encode, timing each step (runs in a worker thread)."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = (now - clock) * 1000.0
+        clock = now
+
+    try:
+        rgb = decode_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as error:
+        raise ServiceError.from_decode_error(error) from None
+    lap("decode")
+    # The same three steps as Segmenter.segment, taken one by one so that the session is timed alone.
+    batch = preprocess(rgb, segmenter.input_size)[np.newaxis]
+    lap("preprocess")
+    probabilities = segmenter.probabilities(batch, flip_tta=options.flip_tta)
+    lap("inference")
+    metrics.inference_latency.observe(timings["inference"] / 1000.0)
+    height, width = rgb.shape[:2]
+    segmentation = postprocess(
+        probabilities[0],
+        (height, width),
+        options.threshold,
+        largest_component=options.largest_component,
+        fill_holes=options.fill_holes,
+    )
+    lap("postprocess")
+    mask_png = encode_png(segmentation.mask) if want_mask else None
+    probability_png = encode_png(probability_to_uint8(segmentation.probability)) if want_probability else None
+    mask_base64 = _b64(mask_png) if base64_encode else None
+    probability_base64 = _b64(probability_png) if base64_encode else None
+    lap("encode")
+    return _Outcome(segmentation, height, width, mask_png, mask_base64, probability_base64, timings)
+
+
+def _quality(accept: str, media_type: str) -> float:
+    """The q-value ``accept`` gives ``media_type`` (most specific matching range wins; 0 when none)."""
+    best_specificity, best_q = -1, 0.0
+    main_type = media_type.split("/")[0]
+    for item in accept.split(","):
+        media, *params = (piece.strip() for piece in item.split(";"))
+        media = media.lower()
+        if media == media_type:
+            specificity = 2
+        elif media == f"{main_type}/*":
+            specificity = 1
+        elif media == "*/*":
+            specificity = 0
+        else:
+            continue
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if specificity > best_specificity:
+            best_specificity, best_q = specificity, q
+    return best_q
+
+
+def wants_png(response_format: str | None, accept: str | None) -> bool:
+    """``format`` decides when given; otherwise PNG only when Accept prefers image/png to JSON."""
+    if response_format is not None:
+        return response_format == "png"
+    if not accept:
+        return False
+    return _quality(accept, "image/png") > _quality(accept, "application/json")
+
+
+def _server_timing(timings: dict[str, float]) -> str:
+    return ", ".join(f"{name};dur={value:.1f}" for name, value in timings.items())
+
+
+@router.post(
+    "/segment",
+    operation_id="segment",
+    response_model=SegmentResponse,
+    responses=_RESPONSES,
+    openapi_extra={"requestBody": _REQUEST_BODY},
+)
+async def segment(
+    request: Request,
+    served: ServedModelDep,
+    segmenter: SegmenterDep,
+    settings: SettingsDep,
+    limiter: LimiterDep,
+    metrics: MetricsDep,
+    threshold: Annotated[
+        float | None, Query(ge=0.0, le=1.0, description="Probability threshold (default: the model's own).")
+    ] = None,
+    outputs: Annotated[
+        str,
+        Query(
+            pattern=_OUTPUTS_PATTERN,
+            description="Comma-separated images to return in the JSON: mask, probability (empty: none).",
+        ),
+    ] = "mask,probability",
+    pixel_spacing_mm: Annotated[
+        float | None,
+        Query(gt=0.0, le=100.0, description="Size of one (square) pixel in mm, to report the area in mm²."),
+    ] = None,
+    flip_tta: Annotated[
+        bool, Query(description="Also run the photo mirrored both ways and average (3× the inference).")
+    ] = False,
+    largest_component: Annotated[bool, Query(description="Keep only the largest lesion region.")] = False,
+    fill_holes: Annotated[bool, Query(description="Fill holes inside the lesion.")] = False,
+    response_format: Annotated[
+        Literal["json", "png"] | None,
+        Query(
+            alias="format", description="png: answer with the mask's PNG bytes (as Accept: image/png does)."
+        ),
+    ] = None,
+) -> Response:
+    """Segment the lesion in an uploaded photo."""
+    state = request_state(request.scope)
+    started = float(state.get("started_at", time.perf_counter()))
+    png_only = wants_png(response_format, request.headers.get("accept"))
+    wanted = {name for name in outputs.split(",") if name}
+    options = SegmentOptions(
+        threshold=served.info.threshold if threshold is None else threshold,
+        flip_tta=flip_tta,
+        largest_component=largest_component,
+        fill_holes=fill_holes,
+        pixel_spacing_mm=pixel_spacing_mm,
+    )
+
+    upload = await read_upload(request, FILE_FIELD, settings.max_upload_bytes)
+    received = time.perf_counter()
+    async with limiter.slot():
+        slotted = time.perf_counter()
+        outcome = await anyio.to_thread.run_sync(
+            lambda: _segment_photo(
+                segmenter,
+                upload.data,
+                max_pixels=settings.max_pixels,
+                options=options,
+                want_mask=png_only or "mask" in wanted,
+                want_probability=not png_only and "probability" in wanted,
+                base64_encode=not png_only,
+                metrics=metrics,
+            )
+        )
+    timings = {"receive": (received - started) * 1000.0, "queue": (slotted - received) * 1000.0}
+    timings.update(outcome.timings)
+    timings["total"] = (time.perf_counter() - started) * 1000.0
+    timings = {name: round(value, 2) for name, value in timings.items()}
+    state["timings"] = timings
+    segmentation = outcome.segmentation
+    headers = {"Server-Timing": _server_timing(timings)}
+
+    if png_only:
+        assert outcome.mask_png is not None
+        headers.update(
+            {
+                "X-Lesion-Found": "true" if segmentation.found else "false",
+                "X-Lesion-Area-Px": str(segmentation.area_px),
+                "X-Model": f"{served.info.name}/{served.info.version}",
+            }
+        )
+        return Response(outcome.mask_png, media_type="image/png", headers=headers)
+
+    bbox = segmentation.bbox
+    body = SegmentResponse(
+        request_id=str(state.get("request_id", "")),
+        model=ModelRef(name=served.info.name, version=served.info.version),
+        image=ImageSize(width=outcome.width, height=outcome.height),
+        options=options,
+        lesion=Lesion(
+            found=segmentation.found,
+            area_px=segmentation.area_px,
+            area_fraction=segmentation.area_fraction,
+            area_mm2=segmentation.area_mm2(pixel_spacing_mm),
+            bbox=BoundingBox(x=bbox[0], y=bbox[1], width=bbox[2], height=bbox[3]) if bbox else None,
+        ),
+        mask_png=outcome.mask_base64,
+        probability_png=outcome.probability_base64,
+        timings_ms=Timings(**timings),
+    )
+    return JSONResponse(body.model_dump(mode="json"), headers=headers)

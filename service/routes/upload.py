@@ -1,0 +1,146 @@
+"""Reads a multipart upload into memory, enforcing the byte limit while it streams in.
+
+Starlette's ``UploadFile`` spools parts over 1 MB to a temporary file; photos of patients must never touch
+the disk, so the body is read with ``request.stream()`` and parsed with python-multipart's streaming parser
+into memory. The size limit is checked against Content-Length first and then against the bytes actually
+received, so an oversized upload is refused (413) before anything is decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from service.errors import ServiceError
+
+
+@dataclass
+class _Part:
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    data: bytearray = field(default_factory=bytearray)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """The uploaded file: its bytes and what the client said about it (used for nothing but messages)."""
+
+    data: bytes
+    filename: str | None
+    content_type: str | None
+
+
+def _too_large(limit: int) -> ServiceError:
+    return ServiceError(413, "payload_too_large", f"the upload is over the limit of {limit} bytes")
+
+
+class _InMemoryMultipart:
+    """Collects the parts of one multipart body (only the wanted field's data is kept)."""
+
+    def __init__(self, boundary: bytes, wanted: str) -> None:
+        self.wanted = wanted.encode()
+        self.found: _Part | None = None
+        self.finished = False
+        self._part = _Part()
+        self._keep = False
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self.parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._on_part_begin,
+                "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+                "on_end": self._on_end,
+            },
+        )
+
+    def _on_part_begin(self) -> None:
+        self._part = _Part()
+        self._keep = False
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        self._part.headers[bytes(self._header_field).lower()] = bytes(self._header_value)
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def _on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._part.headers.get(b"content-disposition", b""))
+        # The first part with the wanted name wins; later duplicates are skipped, not buffered.
+        self._keep = options.get(b"name") == self.wanted and self.found is None
+        if self._keep:
+            self.found = self._part
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._keep:
+            self._part.data += data[start:end]
+
+    def _on_part_end(self) -> None:
+        self._keep = False
+
+    def _on_end(self) -> None:
+        self.finished = True
+
+
+async def read_upload(request: Request, field_name: str, max_bytes: int) -> Upload:
+    """Reads the body of a ``multipart/form-data`` request and returns the part called ``field_name``.
+
+    Raises:
+        ServiceError: 415 (not multipart), 413 ``payload_too_large``, 400 ``malformed_request``, or 422
+            ``validation_error`` when the field is missing.
+    """
+    media_type, options = parse_options_header(request.headers.get("content-type"))
+    if media_type != b"multipart/form-data":
+        raise ServiceError(
+            415,
+            "unsupported_media_type",
+            f"send the photo as multipart/form-data in a field named {field_name!r}",
+        )
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ServiceError(400, "malformed_request", "multipart/form-data without a boundary")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+
+    try:
+        form = _InMemoryMultipart(boundary, field_name)
+    except ValueError as error:  # e.g. a boundary longer than the RFC allows
+        raise ServiceError(400, "malformed_request", f"bad multipart boundary: {error}") from None
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:
+                raise _too_large(max_bytes)
+            if chunk:
+                form.parser.write(chunk)
+        form.parser.finalize()
+    except FormParserError as error:
+        raise ServiceError(400, "malformed_request", f"malformed multipart body: {error}") from None
+
+    if not form.finished:
+        raise ServiceError(400, "malformed_request", "the multipart body ends before its closing boundary")
+    part = form.found
+    if part is None:
+        raise ServiceError(422, "validation_error", f"{field_name}: field required (a multipart file field)")
+    _, disposition = parse_options_header(part.headers.get(b"content-disposition", b""))
+    filename = disposition.get(b"filename")
+    content_type = part.headers.get(b"content-type")
+    return Upload(
+        data=bytes(part.data),
+        filename=filename.decode("utf-8", "replace") if filename is not None else None,
+        content_type=content_type.decode("latin-1") if content_type is not None else None,
+    )
