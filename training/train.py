@@ -19,7 +19,7 @@ import keras
 from training.callbacks import CurvePlotter, ResumableState, Throughput, read_history
 from training.config import TrainConfig
 from training.data import DataError, load_samples, load_split, save_split, split_samples
-from training.dataset import SegmentationDataset
+from training.dataset import EpochSync, SegmentationDataset
 from training.losses import get_loss
 from training.model import build_model
 
@@ -131,6 +131,7 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
         monitor="val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True, verbose=1
     )
     callbacks = [
+        EpochSync(train_data),
         Throughput(images_per_epoch=min(steps * cfg.batch_size, len(train_samples))),
         best_checkpoint,
         keras.callbacks.ModelCheckpoint(last_path),
@@ -149,6 +150,7 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
             initial_epoch=initial_epoch,
             steps_per_epoch=cfg.steps_per_epoch,
             callbacks=callbacks,
+            shuffle=False,  # the dataset shuffles itself, seeded by epoch
             verbose=2,
         )
     seconds = time.perf_counter() - started
