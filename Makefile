@@ -7,7 +7,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-fast lint openapi bench report smoke clean
+.PHONY: help serve test test-fast lint openapi bench reproduce report smoke clean
 
 help: ## list the tasks
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,23 @@ openapi: $(BIN)/.dev-deps ## regenerate openapi/openapi.json from the app
 
 bench: $(BIN)/.dev-deps ## run the performance benchmark, writes docs/performance.md
 	$(BIN)/python -m bench
+
+# The paper's comparison: three models trained on PH2, tested on ISIC 2017 training images (external).
+DATA ?= ../shared/data
+REPRO_EPOCHS ?= 50
+REPRO_SIZE ?= 224
+REPRO_OPTS ?= --encoder-weights none --precision mixed_bfloat16
+REPRO = $(BIN)/dermaseg train --data $(DATA)/ph2 --epochs $(REPRO_EPOCHS) --image-size $(REPRO_SIZE) $(REPRO_OPTS)
+reproduce: $(BIN)/.dev-deps ## train and evaluate the paper's three models into runs/repro-*
+	$(REPRO) --out runs/repro-baseline --arch unet --loss bce
+	$(REPRO) --out runs/repro-focal-noaug --loss focal --no-augment
+	$(REPRO) --out runs/repro-focal-aug --loss focal
+	for run in baseline focal-noaug focal-aug; do \
+	  $(BIN)/dermaseg evaluate --model runs/repro-$$run/best.keras --split runs/repro-$$run/split.json \
+	    --data $(DATA)/ph2 --out runs/repro-$$run/eval_val.json && \
+	  $(BIN)/dermaseg evaluate --model runs/repro-$$run/best.keras --data $(DATA)/isic2017_train \
+	    --out runs/repro-$$run/eval_external.json || exit 1; \
+	done
 
 report: $(BIN)/.dev-deps ## write docs/results.md from the run directories in runs/
 	$(BIN)/python -m training.report

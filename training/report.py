@@ -1,0 +1,276 @@
+"""`python -m training.report`: docs/results.md from run directories, beside the paper's numbers.
+
+Each run directory is one that `dermaseg train` wrote, plus the evaluations that `make reproduce` adds:
+``eval_val.json`` (its own validation split) and ``eval_external.json`` (the external test set).
+Figures go to ``docs/figures/``: training curves (the paper's Fig. 6), a bar chart of the models
+(Fig. 7) and image / truth / prediction overlays of external-test images (Table 2), worst cases included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from training.callbacks import read_history
+from training.config import TrainConfig
+
+METRICS = ("dice", "jaccard", "sensitivity", "specificity", "accuracy")
+
+#: The paper's Table 3 / text, for models (1) baseline, (2) focal without augmentation, (3) full method.
+PAPER = {
+    "baseline": {"dice": 0.882, "sensitivity": 0.863},
+    "focal-noaug": {"dice": 0.929, "sensitivity": 0.906},
+    "focal-aug": {"dice": 0.938, "jaccard": 0.884, "sensitivity": 0.921, "specificity": 0.980},
+}
+LABELS = {
+    "baseline": "(1) U-Net, BCE, augmentation",
+    "focal-noaug": "(2) ResNet50V2 U-Net, focal, no augmentation",
+    "focal-aug": "(3) ResNet50V2 U-Net, focal, augmentation",
+}
+
+INCONSISTENCIES = """\
+## The paper's inconsistencies that these numbers touch
+
+- **Accuracy formula.** The paper prints accuracy as (TP+FP)/N; that is a typo. We compute (TP+TN)/N.
+  With lesions covering a minority of pixels, (TP+FP)/N would be roughly the predicted lesion share,
+  nowhere near the ~0.95 accuracies reported.
+- **Loss in Table 1.** Table 1 lists binary cross-entropy as the loss while the text (and the title)
+  trains with focal loss. We trained (2) and (3) with the focal loss of eq. 2 (α = 0.8, γ = 2) and the
+  baseline (1) with BCE.
+- **Abstract vs results.** The abstract claims Dice 96 % and Jaccard 97 %. Jaccard can never exceed
+  Dice (J = D / (2 − D) ≤ D for one image, and the pooled values obey the same bound), so both cannot
+  hold; the results section's Dice 0.938 / Jaccard 0.884 are consistent with each other
+  (0.938 / (2 − 0.938) = 0.883).
+"""
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axis = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / max(len(rows), 1)
+    positions = np.arange(len(METRICS[:4]))
+    for index, row in enumerate(rows):
+        values = [row["external"]["mean"][m] if row["external"] else 0.0 for m in METRICS[:4]]
+        axis.bar(positions + index * width, values, width, label=row["label"])
+    axis.set_xticks(positions + width * (len(rows) - 1) / 2, METRICS[:4])
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("per-image mean, external test")
+    axis.legend(fontsize=7, loc="lower right")
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _overlays(
+    run: Path, external: dict[str, Any], roots: Sequence[Path], folder: Path, count: int
+) -> list[str]:
+    """Re-predicts the worst, median and best external images and writes their overlays."""
+    from training.data import load_samples
+    from training.evaluate import evaluate
+
+    ranked = sorted(external["per_image"], key=lambda row: row["dice"])
+    middle = len(ranked) // 2
+    chosen = ranked[:count] + ranked[middle : middle + 1] + ranked[-count:]
+    wanted = {row["id"] for row in chosen}
+    samples = [s for s in load_samples(list(roots)) if s.id in wanted]
+    folder.mkdir(parents=True, exist_ok=True)
+    evaluate(
+        run / "best.keras",
+        roots,
+        samples=samples,
+        overlays=folder,
+        threshold=external.get("threshold"),
+        **external.get("postprocess", {}),
+    )
+    return [f"{row['id']}.png" for row in chosen]
+
+
+def write_report(
+    runs: dict[str, Path],
+    release: Path | None,
+    out: Path,
+    external_roots: Sequence[Path],
+    overlay_count: int = 3,
+) -> str:
+    """Writes the results page and its figures; returns the Markdown."""
+    figures = out.parent / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for key, run in runs.items():
+        cfg = TrainConfig.load(run / "config.json")
+        rows.append(
+            {
+                "key": key,
+                "label": LABELS.get(key, key),
+                "run": run,
+                "config": cfg,
+                "summary": _load(run / "summary.json") or {},
+                "val": _load(run / "eval_val.json"),
+                "external": _load(run / "eval_external.json"),
+            }
+        )
+
+    lines = [
+        "# Results: reproducing Boudaieb et al. (2025) and the release model",
+        "",
+        "Generated by `python -m training.report` (`make report`) from the run directories; rerun it to",
+        "regenerate. All metrics are computed by `training/metrics.py` at each image's original mask",
+        "resolution, threshold 0.5, through the same pre- and post-processing the service runs.",
+        "",
+        "## Protocol and what differs from the paper",
+        "",
+    ]
+    for row in rows:
+        cfg, summary = row["config"], row["summary"]
+        lines.append(
+            f"- {row['label']}: `{row['run']}` — {cfg.arch}, loss {cfg.loss}, augmentation "
+            f"{'on' if cfg.augment else 'off'}, {cfg.image_size}×{cfg.image_size}, batch {cfg.batch_size}, "
+            f"{summary.get('epochs_run', '?')} of {cfg.epochs} epochs (best epoch {summary.get('best_epoch', '?')}), "
+            f"Adam {cfg.learning_rate:g}, encoder weights `{cfg.encoder_weights}`, precision {cfg.precision}, "
+            f"{summary.get('train_images', '?')} training / {summary.get('val_images', '?')} validation images."
+        )
+    lines += [
+        "",
+        "ImageNet weights cannot be downloaded on the machines these runs were made on, so every encoder",
+        "here starts from random initialization (`--encoder-weights none`); the paper starts from ImageNet.",
+        "",
+        "## Comparison (per-image mean; pooled in the JSON files)",
+        "",
+        "| model | set | n | Dice | Jaccard | sensitivity | specificity | accuracy | thr. Jaccard |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        for name, result in (("PH2 validation", row["val"]), ("external", row["external"])):
+            if result is None:
+                continue
+            mean = result["mean"]
+            lines.append(
+                f"| {row['label']} | {name} | {result['n_images']} | "
+                + " | ".join(_fmt(mean[m]) for m in METRICS)
+                + f" | {_fmt(result['thresholded_jaccard'])} |"
+            )
+        paper = PAPER.get(row["key"])
+        if paper:
+            lines.append(
+                f"| {row['label']} | paper (ISIC 2016 test) | 379 | "
+                + " | ".join(_fmt(paper.get(m)) for m in METRICS)
+                + " | – |"
+            )
+    lines.append("")
+
+    with_external = [row for row in rows if row["external"]]
+    if with_external:
+        _bar_chart(with_external, figures / "comparison.png")
+        lines += ["![Models compared on the external test set](figures/comparison.png)", ""]
+    lines += ["## Training curves", ""]
+    for row in rows:
+        if (row["run"] / "curves.png").is_file():
+            target = figures / f"curves_{row['key']}.png"
+            shutil.copyfile(row["run"] / "curves.png", target)
+            lines += [f"**{row['label']}**", "", f"![curves]({target.relative_to(out.parent)})", ""]
+        history = read_history(row["run"] / "history.csv")
+        if history:
+            lines.append(
+                f"{len(history)} epochs; final learning rate {history[-1].get('learning_rate', 0):.2g}."
+            )
+            lines.append("")
+
+    if with_external and (with_external[-1]["run"] / "best.keras").is_file():
+        best = with_external[-1]
+        folder = figures / f"overlays_{best['key']}"
+        names = _overlays(best["run"], best["external"], external_roots, folder, overlay_count)
+        by_id = {row["id"]: row["dice"] for row in best["external"]["per_image"]}
+        lines += [
+            f"## External-test overlays: {best['label']}",
+            "",
+            "Worst, median and best images by Dice (green: expert outline, red: prediction).",
+            "",
+        ]
+        for name in names:
+            lines += [
+                f"Dice {by_id[Path(name).stem]:.3f}: ![{name}]({folder.relative_to(out.parent)}/{name})",
+                "",
+            ]
+
+    if release is not None:
+        card_path = Path("models") / "dermaseg.json"
+        lines += ["## The release model", ""]
+        release_val = _load(release / "eval_val.json")
+        if release_val:
+            mean = release_val["mean"]
+            lines.append(
+                f"Validation split of `{release}` ({release_val['n_images']} images): "
+                + ", ".join(f"{m} {mean[m]:.3f}" for m in METRICS)
+                + f", thresholded Jaccard {release_val['thresholded_jaccard']:.3f}."
+            )
+        if card_path.is_file():
+            lines.append(
+                f"Its model card, with the variants' sizes, latencies and Dice changes: `{card_path}`."
+            )
+        lines.append("")
+
+    lines.append(INCONSISTENCIES)
+    text = "\n".join(lines)
+    out.write_text(text)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.report", description=__doc__)
+    parser.add_argument(
+        "--run",
+        nargs=2,
+        action="append",
+        metavar=("KEY", "RUN_DIR"),
+        default=None,
+        help="a model of the comparison: baseline, focal-noaug or focal-aug, and its run",
+    )
+    parser.add_argument("--release", type=Path, default=Path("runs/release"))
+    parser.add_argument(
+        "--external",
+        type=Path,
+        action="append",
+        default=None,
+        help="the external test set's folder (for overlays)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    args = parser.parse_args(argv)
+    runs = {
+        key: Path(path)
+        for key, path in (
+            args.run
+            or [
+                ("baseline", "runs/repro-baseline"),
+                ("focal-noaug", "runs/repro-focal-noaug"),
+                ("focal-aug", "runs/repro-focal-aug"),
+            ]
+        )
+    }
+    runs = {key: path for key, path in runs.items() if (path / "config.json").is_file()}
+    external = args.external or [Path("../shared/data/isic2017_train")]
+    release = args.release if (args.release / "config.json").is_file() else None
+    write_report(runs, release, args.out, external)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
