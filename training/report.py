@@ -140,12 +140,13 @@ def write_report(
     ]
     for row in rows:
         cfg, summary = row["config"], row["summary"]
+        epochs = f"{summary.get('epochs_run', '?')} of {cfg.epochs} epochs"
         lines.append(
             f"- {row['label']}: `{row['run']}` — {cfg.arch}, loss {cfg.loss}, augmentation "
             f"{'on' if cfg.augment else 'off'}, {cfg.image_size}×{cfg.image_size}, batch {cfg.batch_size}, "
-            f"{summary.get('epochs_run', '?')} of {cfg.epochs} epochs (best epoch {summary.get('best_epoch', '?')}), "
-            f"Adam {cfg.learning_rate:g}, encoder weights `{cfg.encoder_weights}`, precision {cfg.precision}, "
-            f"{summary.get('train_images', '?')} training / {summary.get('val_images', '?')} validation images."
+            f"{epochs} (best epoch {summary.get('best_epoch', '?')}), Adam {cfg.learning_rate:g}, "
+            f"encoder weights `{cfg.encoder_weights}`, precision {cfg.precision}, "
+            f"{summary.get('train_images', '?')} training / {summary.get('val_images', '?')} validation."
         )
     lines += [
         "",
