@@ -20,6 +20,9 @@ DEFAULT_MODEL_PATH = PACKAGE_ROOT / "models" / "dermaseg.onnx"
 
 MIB = 1024 * 1024
 
+#: Names that stand for several providers: the GPU image sets DERMASEG_PROVIDERS=gpu (its FLAVOR).
+PROVIDER_SHORTHANDS = {"gpu": ["cuda", "cpu"]}
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -48,7 +51,7 @@ class Settings(BaseSettings):
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["cpu"],
         description="ONNX Runtime execution providers in order of preference: cpu, cuda, tensorrt or "
-        "full provider names. CPU is always the last resort.",
+        "full provider names (gpu is short for cuda,cpu). CPU is always the last resort.",
     )
     require_providers: bool = Field(
         default=False,
@@ -113,10 +116,15 @@ class Settings(BaseSettings):
 
     @field_validator("providers")
     @classmethod
-    def _some_provider(cls, value: list[str]) -> list[str]:
-        if not value:
+    def _expand_providers(cls, value: list[str]) -> list[str]:
+        expanded: list[str] = []
+        for name in value:
+            for provider in PROVIDER_SHORTHANDS.get(name.lower(), [name]):
+                if provider not in expanded:
+                    expanded.append(provider)
+        if not expanded:
             raise ValueError("at least one provider is needed (e.g. cpu)")
-        return value
+        return expanded
 
     @field_validator("model_path")
     @classmethod

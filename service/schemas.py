@@ -7,8 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 #: Example values used in the OpenAPI document.
-_EXAMPLE_MODEL = {"name": "dermaseg-resnet50v2-unet", "version": "1.0.0"}
-_EXAMPLE_PROVIDERS = ["CPUExecutionProvider"]
+_EXAMPLE_MODEL: dict[str, Any] = {"name": "dermaseg-resnet50v2-unet", "version": "1.0.0"}
+_EXAMPLE_PROVIDERS: list[Any] = ["CPUExecutionProvider"]
 
 
 class ErrorDetail(BaseModel):

@@ -204,19 +204,19 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--checkpoint", type=_existing_path, required=True, help="RUN_DIR/best.keras")
     parser.add_argument("--out", type=Path, required=True, help="models/NAME.onnx")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or 18")
     parser.add_argument(
         "--variants",
         nargs="*",
         default=[],
         choices=["float16", "int8"],
-        help="also write these variants beside the float32 model (NAME.fp16.onnx, NAME.int8.onnx)",
+        help="also write these variants (NAME.fp16.onnx, NAME.int8.onnx; int8 needs --calibration-data)",
     )
     parser.add_argument(
         "--ship",
         choices=["float32", "float16", "int8"],
         default=None,
-        help="which precision goes to --out (default float32)",
+        help="which precision goes to --out (default float32; the others get .fp32/.fp16/.int8.onnx)",
     )
     parser.add_argument(
         "--calibration-data",
@@ -228,6 +228,15 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", default=None, help="model name (default: the file's stem)")
     parser.add_argument("--version", default="0.1.0")
     parser.add_argument("--triton", type=Path, default=None, help="also write a Triton model repository here")
+    parser.add_argument(
+        "--threshold", type=_probability, default=0.5, help="lesion threshold stored in the model"
+    )
+    parser.add_argument(
+        "--max-size-mib",
+        type=float,
+        default=64.0,
+        help="refuse to write a shipped model larger than this (0: no limit)",
+    )
     parser.set_defaults(handler=_run_export)
 
 
@@ -305,10 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from service.imaging import ImageDecodeError
     from service.inference import ModelLoadError
     from training.data import DataError
+    from training.export import ExportError
 
     try:
         return int(args.handler(args) or 0)
-    except (CommandError, ConfigError, DataError, ModelLoadError, ImageDecodeError) as error:
+    except (CommandError, ConfigError, DataError, ModelLoadError, ImageDecodeError, ExportError) as error:
         print(f"dermaseg {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -106,7 +106,8 @@ def _b64(png: bytes | None) -> str | None:
 
 def probability_to_uint8(probability: np.ndarray) -> np.ndarray:
     """The confidence map's pixels: round(probability × 255) as uint8."""
-    return np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
+    pixels: np.ndarray = np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return pixels
 
 
 def _segment_photo(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from service.errors import ServiceError
 
@@ -130,6 +131,9 @@ async def read_upload(request: Request, field_name: str, max_bytes: int) -> Uplo
         form.parser.finalize()
     except FormParserError as error:
         raise ServiceError(400, "malformed_request", f"malformed multipart body: {error}") from None
+    except ClientDisconnect:
+        # Nobody is left to read the answer; a 400 keeps it out of the error log and the 5xx counts.
+        raise ServiceError(400, "malformed_request", "the client disconnected during the upload") from None
 
     if not form.finished:
         raise ServiceError(400, "malformed_request", "the multipart body ends before its closing boundary")
