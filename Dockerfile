@@ -59,13 +59,16 @@ WORKDIR /app
 COPY models/ /app/models/
 # DERMASEG_PROVIDERS: "cpu", or for the GPU image "gpu", which the service reads as cuda,cpu. (One stage per
 # flavour selected by `FROM runtime-${FLAVOR}` would be neater, but podman/buildah 4.3 cannot build it.)
+# ORT_DISABLE_TELEMETRY: ONNX Runtime ≥ 1.2x reports usage to Microsoft from Linux too; a service that sees
+# patients' photos sends nothing anywhere (it also spares a warning about the read-only home folder).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     DERMASEG_HOST=0.0.0.0 \
     PORT=8000 \
     DERMASEG_MODEL_PATH=/app/models/dermaseg.onnx \
-    DERMASEG_PROVIDERS=${FLAVOR}
+    DERMASEG_PROVIDERS=${FLAVOR} \
+    ORT_DISABLE_TELEMETRY=1
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

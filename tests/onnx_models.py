@@ -84,7 +84,8 @@ def write_darkness_model(path: str | Path, **kwargs: Any) -> Path:
 def darkness_reference(batch: np.ndarray, gray_level: float = 128.0, steepness: float = 0.1) -> np.ndarray:
     """What the darkness model computes, in numpy: ``(N, H, W, 3)`` → ``(N, H, W, 1)``."""
     gray = np.asarray(batch, dtype=np.float32).mean(axis=3, keepdims=True)
-    return (1.0 / (1.0 + np.exp(-steepness * (gray_level - gray)))).astype(np.float32)
+    probability: np.ndarray = (1.0 / (1.0 + np.exp(-steepness * (gray_level - gray)))).astype(np.float32)
+    return probability
 
 
 def write_not_a_dermaseg_model(path: str | Path) -> Path:

@@ -72,6 +72,7 @@ def test_dockerfile_rules() -> None:
     env = " ".join(arguments for instruction, arguments in instructions if instruction == "ENV")
     assert "DERMASEG_HOST=0.0.0.0" in env
     assert "PORT=8000" in env
+    assert "ORT_DISABLE_TELEMETRY=1" in env
     assert "DERMASEG_PROVIDERS=${FLAVOR}" in env  # cpu, or gpu which Settings reads as cuda,cpu
     assert Settings(providers=["gpu"]).providers == ["cuda", "cpu"]
     assert ("CMD", '["python", "-m", "service.main"]') in instructions

@@ -21,6 +21,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
+from starlette.types import Message
 
 from service.config import DEFAULT_MODEL_PATH, Settings
 from service.inference import ModelLoadError
@@ -72,13 +73,13 @@ def test_a_bad_model_stops_the_start_up(tmp_path: Path, make: Any, message: str)
 
 def test_start_up_failure_is_reported_in_one_line(tmp_path: Path) -> None:
     app = create_app(Settings(model_path=tmp_path / "missing.onnx"))
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
 
     async def lifespan() -> None:
-        async def receive() -> dict[str, Any]:
+        async def receive() -> Message:
             return {"type": "lifespan.startup"}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: Message) -> None:
             sent.append(message)
 
         with pytest.raises(ModelLoadError):
