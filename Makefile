@@ -7,7 +7,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-fast lint openapi bench reproduce report smoke clean
+.PHONY: help serve test test-fast lint openapi bench reproduce release-eval report smoke clean
 
 help: ## list the tasks
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,22 @@ reproduce: $(BIN)/.dev-deps ## train and evaluate the paper's three models into 
 	  $(BIN)/dermaseg evaluate --model runs/repro-$$run/best.keras --data $(DATA)/isic2017_train \
 	    --out runs/repro-$$run/eval_external.json || exit 1; \
 	done
+
+RELEASE_RUN ?= runs/release
+RELEASE_EVAL = $(BIN)/dermaseg evaluate --model models/dermaseg.onnx --card models/dermaseg.json
+
+release-eval: $(BIN)/.dev-deps ## score the shipped model: its validation split (each post-processing) and samples/
+	$(RELEASE_EVAL) --data $(DATA)/ph2 --split $(RELEASE_RUN)/split.json --out $(RELEASE_RUN)/eval_val_plain.json
+	$(RELEASE_EVAL) --data $(DATA)/ph2 --split $(RELEASE_RUN)/split.json --out $(RELEASE_RUN)/eval_val_tta.json \
+	  --flip-tta
+	$(RELEASE_EVAL) --data $(DATA)/ph2 --split $(RELEASE_RUN)/split.json --out $(RELEASE_RUN)/eval_val_lc.json \
+	  --largest-component
+	$(RELEASE_EVAL) --data $(DATA)/ph2 --split $(RELEASE_RUN)/split.json --out $(RELEASE_RUN)/eval_val_fh.json \
+	  --fill-holes
+	$(RELEASE_EVAL) --data $(DATA)/ph2 --split $(RELEASE_RUN)/split.json --out $(RELEASE_RUN)/eval_val_all.json \
+	  --flip-tta --largest-component --fill-holes
+	$(RELEASE_EVAL) --data $(DATA)/samples --out $(RELEASE_RUN)/eval_samples.json \
+	  --overlays $(RELEASE_RUN)/overlays_samples
 
 report: $(BIN)/.dev-deps ## write docs/results.md from the run directories in runs/
 	$(BIN)/python -m training.report

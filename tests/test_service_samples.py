@@ -1,7 +1,7 @@
 """The service on the real sample photos (../shared/data/samples): every photo, at its own size.
 
 With the tiny test model every photo must segment and come back as PNGs of its own size; with the shipped
-model (models/dermaseg.onnx, once there) the masks must also match the experts' (mean Dice ≥ 0.6).
+model (models/dermaseg.onnx) the masks must also match the experts' (mean Dice ≥ 0.85).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.onnx_models import write_darkness_model
 
 pytestmark = pytest.mark.realdata
 
-MIN_MEAN_DICE = 0.6
+MIN_MEAN_DICE = 0.85  # `make release-eval` measures 0.929 on these photos through the same code
 
 
 def read_manifest(samples: Path) -> list[dict[str, str]]:
@@ -74,7 +74,7 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 def test_shipped_model_matches_the_experts(samples: Path) -> None:
     if not DEFAULT_MODEL_PATH.is_file():
-        pytest.skip(f"no shipped model at {DEFAULT_MODEL_PATH} yet (the trained model is added by the lead)")
+        pytest.skip(f"no shipped model at {DEFAULT_MODEL_PATH} yet (git lfs or a partial checkout may have left it out)")
     scores = {}
     with TestClient(create_app(Settings(model_path=DEFAULT_MODEL_PATH))) as client:
         for row in read_manifest(samples):

@@ -165,12 +165,19 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overlays", type=Path, help="folder for image / truth / prediction figures")
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--providers", nargs="+", default=["cpu"], help="ONNX Runtime providers")
+    parser.add_argument(
+        "--card", type=_existing_path, help="also record the result in this model card (NAME.json of the model)"
+    )
+    parser.add_argument("--label", help="name of the result in the card (default: the options used)")
     _add_postprocess_options(parser)
     parser.set_defaults(handler=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate
+    from training.evaluate import evaluate, record_in_card
+
+    if args.card is not None and args.model.suffix != ".onnx":
+        raise CommandError("--card records results of an .onnx model in its card; this is a checkpoint")
 
     result = evaluate(
         args.model,
@@ -191,6 +198,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         f"sensitivity {mean['sensitivity']:.4f}  specificity {mean['specificity']:.4f}  "
         f"accuracy {mean['accuracy']:.4f}  (per-image mean; written to {args.out})"
     )
+    if args.card is not None:
+        options = [name for name, used in result["postprocess"].items() if used]
+        label = args.label or ("+".join(options) if options else "plain")
+        record_in_card(args.card, args.model, result, label)
+        print(f"recorded as {label!r} in {args.card}")
     return 0
 
 

@@ -153,3 +153,41 @@ def evaluate(
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def record_in_card(card_path: Path, model_path: Path, summary: dict[str, Any], label: str) -> dict[str, Any]:
+    """Adds an evaluation (without its per-image rows) to a model card's ``evaluation`` list.
+
+    The card must describe this very file: its ``sha256`` has to match the model's, so a card never carries
+    numbers measured on another export. An entry with the same label and data replaces the older one.
+
+    Returns:
+        The entry written.
+
+    Raises:
+        DataError: the card is unreadable or belongs to another file.
+    """
+    from training.export import sha256_file
+
+    card_path, model_path = Path(card_path), Path(model_path)
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{card_path}: not a readable model card ({error})") from None
+    digest = sha256_file(model_path)
+    if card.get("sha256") != digest:
+        raise DataError(
+            f"{card_path} describes a file with sha256 {str(card.get('sha256'))[:12]}…, "
+            f"not {model_path} ({digest[:12]}…): evaluate the model the card belongs to"
+        )
+    entry = {key: value for key, value in summary.items() if key != "per_image"}
+    entry["label"] = label
+    entry["model"] = model_path.name
+    entries = [
+        existing
+        for existing in card.get("evaluation", [])
+        if (existing.get("label"), existing.get("data")) != (label, entry["data"])
+    ]
+    card["evaluation"] = [*entries, entry]
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return entry
