@@ -25,7 +25,8 @@ from service.inference import OnnxModel, postprocess, preprocess
 from service.routes.segment import probability_to_uint8
 
 #: zlib level of the fast PNG alternative (Pillow's default is 6).
-FAST_PNG_LEVEL = 1
+FAST_PNG_LEVEL = 1  # what the service uses by default (DERMASEG_PNG_COMPRESS_LEVEL)
+PILLOW_PNG_LEVEL = 6  # Pillow's own default: the service's before that setting
 EXIF_ORIENTATION = 0x0112
 
 
@@ -76,25 +77,10 @@ def decode_with_draft(data: bytes, input_size: tuple[int, int]) -> tuple[np.ndar
 
 def _encode(segmentation: Any, level: int | None) -> tuple[str, str]:
     """The two PNGs of a JSON answer, base64, at Pillow's default zlib level or at ``level``."""
-    if level is None:
-        mask, probability = (
-            encode_png(segmentation.mask),
-            encode_png(probability_to_uint8(segmentation.probability)),
-        )
-    else:
-        mask, probability = (
-            _png(segmentation.mask.astype(np.uint8) * 255, level),
-            _png(probability_to_uint8(segmentation.probability), level),
-        )
+    level = PILLOW_PNG_LEVEL if level is None else level
+    mask = encode_png(segmentation.mask, level)
+    probability = encode_png(probability_to_uint8(segmentation.probability), level)
     return base64.b64encode(mask).decode("ascii"), base64.b64encode(probability).decode("ascii")
-
-
-def _png(array: np.ndarray, level: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode="L").save(
-        buffer, format="PNG", compress_level=level
-    )
-    return buffer.getvalue()
 
 
 def bench_pipeline(model: OnnxModel, photo: Photo, effort: Effort) -> PipelineResult:

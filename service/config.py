@@ -82,6 +82,13 @@ class Settings(BaseSettings):
         ge=0,
         description="Requests allowed to wait for a free slot; beyond that: 503 with Retry-After.",
     )
+    png_compress_level: int = Field(
+        default=1,
+        ge=0,
+        le=9,
+        description="zlib level of the PNGs returned (0–9): 1 encodes a 1024 × 768 confidence map about 4× "
+        "faster than Pillow's 6 for about 30 % more bytes.",
+    )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After (seconds) sent with 503 overloaded.")
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(

@@ -23,7 +23,18 @@ def model_and_card(tmp_path: Path) -> tuple[Path, Path]:
 
 def _evaluate(model: Path, card: Path, data: Path, out: Path, *options: str) -> int:
     return main(
-        ["evaluate", "--model", str(model), "--data", str(data), "--out", str(out), "--card", str(card), *options]
+        [
+            "evaluate",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--card",
+            str(card),
+            *options,
+        ]
     )
 
 
@@ -45,9 +56,12 @@ def test_results_are_recorded_and_replaced(
 
 
 def test_a_card_of_another_file_is_refused(
-    model_and_card: tuple[Path, Path], synthetic_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    model_and_card: tuple[Path, Path],
+    synthetic_dataset: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    model, card = model_and_card
+    _, card = model_and_card
     other = write_darkness_model(tmp_path / "other.onnx", gray_level=100.0)
     assert _evaluate(other, card, synthetic_dataset, tmp_path / "m.json") == 2
     err = capsys.readouterr().err

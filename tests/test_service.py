@@ -241,6 +241,19 @@ def test_outputs_subset(client: TestClient, outputs: str, mask: bool, probabilit
     assert body["lesion"]["area_px"] > 0
 
 
+def test_png_compress_level_changes_bytes_not_pixels(model_path: Path) -> None:
+    photo = lesion_photo((300, 400), seed=3)
+    answers = {}
+    for level in (0, 9):
+        with TestClient(create_app(make_settings(model_path, png_compress_level=level))) as client:
+            answers[level] = client.post("/segment", files=upload(photo)).json()
+    for field in ("mask_png", "probability_png"):
+        np.testing.assert_array_equal(png_array(answers[0][field]), png_array(answers[9][field]))
+        assert len(answers[9][field]) < len(answers[0][field]) / 2
+    with pytest.raises(ValueError, match="png_compress_level"):
+        make_settings(model_path, png_compress_level=10)
+
+
 @pytest.mark.parametrize(
     ("fmt", "name", "content_type"),
     [("JPEG", "a.jpg", "image/jpeg"), ("PNG", "a.png", "image/png"), ("BMP", "a.bmp", "image/bmp"),

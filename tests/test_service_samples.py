@@ -74,7 +74,7 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 def test_shipped_model_matches_the_experts(samples: Path) -> None:
     if not DEFAULT_MODEL_PATH.is_file():
-        pytest.skip(f"no shipped model at {DEFAULT_MODEL_PATH} yet (git lfs or a partial checkout may have left it out)")
+        pytest.skip(f"no shipped model at {DEFAULT_MODEL_PATH} yet (a partial checkout?)")
     scores = {}
     with TestClient(create_app(Settings(model_path=DEFAULT_MODEL_PATH))) as client:
         for row in read_manifest(samples):

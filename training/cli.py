@@ -166,7 +166,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--providers", nargs="+", default=["cpu"], help="ONNX Runtime providers")
     parser.add_argument(
-        "--card", type=_existing_path, help="also record the result in this model card (NAME.json of the model)"
+        "--card", type=_existing_path, help="also record the result in the model's card (NAME.json)"
     )
     parser.add_argument("--label", help="name of the result in the card (default: the options used)")
     _add_postprocess_options(parser)

@@ -120,6 +120,7 @@ def _segment_photo(
     want_probability: bool,
     base64_encode: bool,
     metrics: Metrics,
+    png_compress_level: int = 6,
 ) -> _Outcome:
     """Decode → preprocess → session → postprocess → encode, timing each step (runs in a worker thread)."""
     timings: dict[str, float] = {}
@@ -151,8 +152,10 @@ def _segment_photo(
         fill_holes=options.fill_holes,
     )
     lap("postprocess")
-    mask_png = encode_png(segmentation.mask) if want_mask else None
-    probability_png = encode_png(probability_to_uint8(segmentation.probability)) if want_probability else None
+    level = png_compress_level
+    mask_png = encode_png(segmentation.mask, level) if want_mask else None
+    probability = probability_to_uint8(segmentation.probability) if want_probability else None
+    probability_png = encode_png(probability, level) if probability is not None else None
     mask_base64 = _b64(mask_png) if base64_encode else None
     probability_base64 = _b64(probability_png) if base64_encode else None
     lap("encode")
@@ -267,6 +270,7 @@ async def segment(
                 want_probability=not png_only and "probability" in wanted,
                 base64_encode=not png_only,
                 metrics=metrics,
+                png_compress_level=settings.png_compress_level,
             )
         )
     timings = {"receive": (received - started) * 1000.0, "queue": (slotted - received) * 1000.0}
