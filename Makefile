@@ -79,8 +79,13 @@ release-eval: $(BIN)/.dev-deps ## score the shipped model: its validation split 
 report: $(BIN)/.dev-deps ## write docs/results.md from the run directories in runs/
 	$(BIN)/python -m training.report
 
+SMOKE_PHOTO ?= $(DATA)/samples/images/ISIC_0009995.jpg
+
 smoke: ## build the container and probe it (needs ../shared/tools/container-smoke)
-	../shared/tools/container-smoke -- 'curl -fsS $$URL/health/ready'
+	../shared/tools/container-smoke -- 'curl -fsS $$URL/health/ready' \
+	  'curl -fsS -F file=@$(SMOKE_PHOTO) "$$URL/segment?outputs=" | grep -q "\"found\":true"' \
+	  'curl -fsS -F file=@$(SMOKE_PHOTO) -H "Accept: image/png" $$URL/segment | head -c 8 | grep -q PNG' \
+	  'curl -fsS $$URL/metrics | grep -q dermaseg_'
 
 clean: ## remove caches (not the venv, not runs/)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info
