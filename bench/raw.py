@@ -23,8 +23,6 @@ from service.inference import OnnxModel, preprocess
 
 logger = logging.getLogger(__name__)
 
-SPINNING_KEY = "session.intra_op.allow_spinning"
-
 
 @dataclass(frozen=True)
 class SessionSetting:
@@ -67,22 +65,8 @@ def network_batch(rgb: np.ndarray, input_size: tuple[int, int], batch: int) -> n
 
 
 def open_model(path: Path, setting: SessionSetting, providers: Sequence[str] = ("cpu",)) -> OnnxModel:
-    """``OnnxModel`` with ``setting``; with a spinning choice its session is reopened with that entry.
-
-    ``OnnxModel`` has no way to pass session config entries, so the session is rebuilt here with the same
-    options it uses (threads, log level) plus the spinning entry; everything else (feeding, the output)
-    stays ``OnnxModel``'s.
-    """
-    model = OnnxModel(path, providers, intra_op_threads=setting.threads)
-    if setting.spinning is not None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = setting.threads
-        options.log_severity_level = 3
-        options.add_session_config_entry(SPINNING_KEY, "1" if setting.spinning else "0")
-        model.session = ort.InferenceSession(str(path), sess_options=options, providers=model.providers)
-    return model
+    """``OnnxModel`` with ``setting``'s threads and spinning."""
+    return OnnxModel(path, providers, intra_op_threads=setting.threads, thread_spinning=setting.spinning)
 
 
 def time_session(model: OnnxModel, rgb: np.ndarray, batches: Sequence[int], effort: Effort) -> list[Timing]:

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(
         default=0, ge=0, description="ONNX Runtime inter-op threads (0: its choice)."
     )
+    thread_spinning: bool | None = Field(
+        default=None,
+        description="Whether ONNX Runtime's idle intra-op threads spin (unset: its default, on).",
+    )
     warmup_runs: int = Field(default=1, ge=0, description="Inferences run at start-up before ready.")
 
     max_upload_bytes: int = Field(

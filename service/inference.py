@@ -220,6 +220,10 @@ def resolve_providers(requested: Sequence[str]) -> list[str]:
     return [PROVIDER_ALIASES.get(name.lower(), name) for name in requested]
 
 
+#: ONNX Runtime's session config entry for intra-op thread spinning.
+SPINNING_CONFIG_KEY = "session.intra_op.allow_spinning"
+
+
 class OnnxModel:
     """An ONNX Runtime session on a DermaSeg model, with the providers it really runs on.
 
@@ -230,6 +234,9 @@ class OnnxModel:
         require_providers: fail instead of falling back when the first wanted provider is not in use
             (ONNX Runtime falls back to CPU silently otherwise).
         intra_op_threads / inter_op_threads: ONNX Runtime thread pools (0 lets it choose).
+        thread_spinning: whether idle intra-op threads spin waiting for work (None: ONNX Runtime's default,
+            on). Spinning threads burn CPU that a busy process's other work (decoding, encoding, other
+            requests) needs; docs/performance.md measures both.
 
     Raises:
         ModelLoadError: missing, unreadable or non-conforming model, or a refused fallback.
@@ -243,6 +250,7 @@ class OnnxModel:
         require_providers: bool = False,
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
+        thread_spinning: bool | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -258,6 +266,8 @@ class OnnxModel:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
         options.log_severity_level = 3
+        if thread_spinning is not None:
+            options.add_session_config_entry(SPINNING_CONFIG_KEY, "1" if thread_spinning else "0")
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=usable)
         except Exception as error:  # ONNX Runtime raises several unrelated types for a bad file

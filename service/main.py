@@ -99,6 +99,7 @@ def load_served_model(settings: Settings) -> ServedModel:
         require_providers=False,
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
+        thread_spinning=settings.thread_spinning,
     )
     first_wanted = resolve_providers(settings.providers)[0]
     reason = None

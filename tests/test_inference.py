@@ -239,6 +239,19 @@ def test_onnx_model_reads_its_metadata(darkness_model: Path):
     assert (model.input_name, model.output_name) == ("image", "probability")
 
 
+def test_onnx_model_thread_settings_reach_the_session(darkness_model: Path):
+    from service.inference import SPINNING_CONFIG_KEY
+
+    for spinning, entry in ((True, "1"), (False, "0")):
+        model = OnnxModel(darkness_model, intra_op_threads=1, thread_spinning=spinning)
+        options = model.session.get_session_options()
+        assert options.get_session_config_entry(SPINNING_CONFIG_KEY) == entry
+        assert options.intra_op_num_threads == 1
+    options = OnnxModel(darkness_model).session.get_session_options()
+    with pytest.raises(Exception, match="does not have configuration"):  # left to ONNX Runtime's default
+        options.get_session_config_entry(SPINNING_CONFIG_KEY)
+
+
 def test_onnx_model_runs_any_batch_size(darkness_model: Path):
     model = OnnxModel(darkness_model)
     for count in (1, 3):
