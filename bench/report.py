@@ -43,11 +43,12 @@ quiet machine. `--quick` checks that everything runs (a few repetitions). Compar
 ALTERNATIVE_HEADERS = (
     "alternative",
     "replaces",
-    "now p50 ms",
+    "before p50 ms",
     "alternative p50 ms",
     "saves ms",
     "of the steps",
     "effect",
+    "status",
 )
 HTTP_HEADERS = (
     "concurrency",
@@ -381,12 +382,14 @@ def _pipeline_section(results: BenchResults) -> str:
                 _f(alt.saving_ms),
                 _pct(alt.saving_ms / total if total else None, 1),
                 alt.effect,
+                "adopted: the steps above run it" if alt.adopted else "not adopted",
             ]
             for alt in pipeline.alternatives
         ]
         text += (
-            "\n\nCandidates for the service, measured, not adopted (a change is kept only with "
-            "before/after figures from a quiet machine):\n\n" + table(ALTERNATIVE_HEADERS, alt_rows)
+            "\n\nFaster alternatives against what they replace (a change is kept only with before/after "
+            "figures from a quiet machine; for an adopted one, *before* is how the service ran until then):"
+            "\n\n" + table(ALTERNATIVE_HEADERS, alt_rows)
         )
     return text
 
