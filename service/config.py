@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     docs: bool = Field(default=True, description="Serve /docs, /redoc and /openapi.json.")
     log_level: LogLevel = Field(default="INFO", description="Logging level.")
 
+    http: Literal["auto", "h11", "httptools"] = Field(
+        default="auto",
+        description="uvicorn's HTTP parser (auto: httptools where installed, as it is with the service).",
+    )
+    loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        default="auto", description="uvicorn's event loop (auto: uvloop where installed, as it is on Linux)."
+    )
     host: str = Field(default="127.0.0.1", description="Address `python -m service.main` listens on.")
     port: int = Field(
         default=8000,

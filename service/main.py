@@ -259,6 +259,8 @@ def serve(
         access_log=False,  # RequestMiddleware writes the access log (with request ids, without queries)
         server_header=False,
         timeout_graceful_shutdown=10,
+        http=settings.http,
+        loop=settings.loop,
     )
 
 
