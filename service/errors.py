@@ -79,7 +79,9 @@ async def _validation_error_handler(request: Request, error: Exception) -> JSONR
     assert isinstance(error, RequestValidationError)
     problems = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item.get("loc", ()) if part not in ("query", "header", "body"))
+        where = ".".join(
+            str(part) for part in item.get("loc", ()) if part not in ("query", "header", "body", "form")
+        )
         problems.append(
             f"{where}: {item.get('msg', 'invalid')}" if where else str(item.get("msg", "invalid"))
         )

@@ -78,6 +78,41 @@ class Timings(BaseModel):
     total: float = Field(description="From the start of the request to the answer.")
 
 
+#: The images a JSON answer can carry.
+OUTPUTS_PATTERN = r"^((mask|probability)(,(mask|probability))*)?$"
+
+
+class SegmentParams(BaseModel):
+    """The options of ``POST /segment``, as query parameters or as form fields beside the file."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Probability threshold (default: the model's own)."
+    )
+    outputs: str = Field(
+        default="mask,probability",
+        pattern=OUTPUTS_PATTERN,
+        description="Comma-separated images to return in the JSON: mask, probability (empty: none).",
+    )
+    pixel_spacing_mm: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=100.0,
+        description="Size of one (square) pixel in mm, to report the area in mm².",
+    )
+    flip_tta: bool = Field(
+        default=False, description="Also run the photo mirrored both ways and average (3× the inference)."
+    )
+    largest_component: bool = Field(default=False, description="Keep only the largest lesion region.")
+    fill_holes: bool = Field(default=False, description="Fill holes inside the lesion.")
+    response_format: Literal["json", "png"] | None = Field(
+        default=None,
+        alias="format",
+        description="png: answer with the mask's PNG bytes (as Accept: image/png does).",
+    )
+
+
 class SegmentOptions(BaseModel):
     """The options the segmentation ran with."""
 

@@ -390,6 +390,42 @@ def test_missing_file_field_422(client: TestClient) -> None:
     assert "file" in response.json()["error"]["message"]
 
 
+def test_options_as_form_fields(client: TestClient) -> None:
+    photo = lesion_photo()
+    by_query = client.post(
+        "/segment",
+        params={"threshold": "0.3", "outputs": "mask", "pixel_spacing_mm": "0.05"},
+        files=upload(photo),
+    ).json()
+    by_form = client.post(
+        "/segment",
+        data={"threshold": "0.3", "outputs": "mask", "pixel_spacing_mm": "0.05", "unrelated": "ignored"},
+        files=upload(photo),
+    ).json()
+    assert by_form["options"] == by_query["options"] and by_form["options"]["threshold"] == 0.3
+    assert by_form["lesion"] == by_query["lesion"] and by_form["lesion"]["area_mm2"] is not None
+    assert by_form["probability_png"] is None and by_form["mask_png"] == by_query["mask_png"]
+
+    mask_only = client.post("/segment", data={"format": "png"}, files=upload(photo))
+    assert mask_only.headers["content-type"] == "image/png"
+
+
+@pytest.mark.parametrize(
+    ("params", "data", "message"),
+    [
+        ({"threshold": "0.3"}, {"threshold": "0.4"}, "given both in the query and as form fields"),
+        ({}, {"threshold": "2"}, "threshold"),
+        ({}, {"flip_tta": "maybe"}, "flip_tta"),
+        ({}, {"outputs": "x" * 300}, "longer than any option"),
+    ],
+)
+def test_bad_form_options_422(client: TestClient, params: dict, data: dict, message: str) -> None:
+    response = client.post("/segment", params=params, data=data, files=upload(lesion_photo()))
+    assert response.status_code == 422
+    assert error_code(response) == "validation_error"
+    assert message in response.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     "query",
     [{"threshold": "1.5"}, {"outputs": "mask,colour"}, {"pixel_spacing_mm": "-1"}, {"format": "gif"},

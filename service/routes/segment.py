@@ -9,12 +9,14 @@ from __future__ import annotations
 import base64
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 
 from service.errors import ServiceError
 from service.imaging import ImageDecodeError, decode_image, encode_png
@@ -36,6 +38,7 @@ from service.schemas import (
     Lesion,
     ModelRef,
     SegmentOptions,
+    SegmentParams,
     SegmentResponse,
     Timings,
 )
@@ -44,7 +47,8 @@ router = APIRouter(tags=["segmentation"], dependencies=[Depends(require_api_key)
 
 FILE_FIELD = "file"
 OUTPUT_NAMES = ("mask", "probability")
-_OUTPUTS_PATTERN = r"^((mask|probability)(,(mask|probability))*)?$"
+#: Form fields read as options (by their wire names).
+OPTION_FIELDS = frozenset(field.alias or name for name, field in SegmentParams.model_fields.items())
 
 _REQUEST_BODY: dict[str, Any] = {
     "required": True,
@@ -58,7 +62,14 @@ _REQUEST_BODY: dict[str, Any] = {
                         "type": "string",
                         "format": "binary",
                         "description": "The photo: JPEG, PNG, BMP or TIFF (EXIF orientation is applied).",
-                    }
+                    },
+                    **{
+                        (field.alias or name): {
+                            "type": "string",
+                            "description": f"Instead of the query parameter: {field.description}",
+                        }
+                        for name, field in SegmentParams.model_fields.items()
+                    },
                 },
             }
         }
@@ -199,6 +210,24 @@ def wants_png(response_format: str | None, accept: str | None) -> bool:
     return _quality(accept, "image/png") > _quality(accept, "application/json")
 
 
+def _with_form_fields(query: SegmentParams, fields: dict[str, str]) -> SegmentParams:
+    """The query's options with those sent as form fields; 422 for a clash or an invalid value."""
+    if not fields:
+        return query
+    given = query.model_dump(by_alias=True, exclude_unset=True)
+    clashes = sorted(set(given) & set(fields))
+    if clashes:
+        raise ServiceError(
+            422, "validation_error", f"{', '.join(clashes)}: given both in the query and as form fields"
+        )
+    try:
+        return SegmentParams.model_validate({**given, **fields})
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**item, "loc": ("form", *item["loc"])} for item in error.errors(include_url=False)]
+        ) from None
+
+
 def _server_timing(timings: dict[str, float]) -> str:
     return ", ".join(f"{name};dur={value:.1f}" for name, value in timings.items())
 
@@ -217,46 +246,25 @@ async def segment(
     settings: SettingsDep,
     limiter: LimiterDep,
     metrics: MetricsDep,
-    threshold: Annotated[
-        float | None, Query(ge=0.0, le=1.0, description="Probability threshold (default: the model's own).")
-    ] = None,
-    outputs: Annotated[
-        str,
-        Query(
-            pattern=_OUTPUTS_PATTERN,
-            description="Comma-separated images to return in the JSON: mask, probability (empty: none).",
-        ),
-    ] = "mask,probability",
-    pixel_spacing_mm: Annotated[
-        float | None,
-        Query(gt=0.0, le=100.0, description="Size of one (square) pixel in mm, to report the area in mm²."),
-    ] = None,
-    flip_tta: Annotated[
-        bool, Query(description="Also run the photo mirrored both ways and average (3× the inference).")
-    ] = False,
-    largest_component: Annotated[bool, Query(description="Keep only the largest lesion region.")] = False,
-    fill_holes: Annotated[bool, Query(description="Fill holes inside the lesion.")] = False,
-    response_format: Annotated[
-        Literal["json", "png"] | None,
-        Query(
-            alias="format", description="png: answer with the mask's PNG bytes (as Accept: image/png does)."
-        ),
-    ] = None,
+    query: Annotated[SegmentParams, Query()],
 ) -> Response:
-    """Segment the lesion in an uploaded photo."""
+    """Segment the lesion in an uploaded photo.
+
+    The options may also come as form fields beside the file; an option given both ways is refused.
+    """
     state = request_state(request.scope)
     started = float(state.get("started_at", time.perf_counter()))
-    png_only = wants_png(response_format, request.headers.get("accept"))
-    wanted = {name for name in outputs.split(",") if name}
+    upload = await read_upload(request, FILE_FIELD, settings.max_upload_bytes, OPTION_FIELDS)
+    params = _with_form_fields(query, upload.fields)
+    png_only = wants_png(params.response_format, request.headers.get("accept"))
+    wanted = {name for name in params.outputs.split(",") if name}
     options = SegmentOptions(
-        threshold=served.info.threshold if threshold is None else threshold,
-        flip_tta=flip_tta,
-        largest_component=largest_component,
-        fill_holes=fill_holes,
-        pixel_spacing_mm=pixel_spacing_mm,
+        threshold=served.info.threshold if params.threshold is None else params.threshold,
+        flip_tta=params.flip_tta,
+        largest_component=params.largest_component,
+        fill_holes=params.fill_holes,
+        pixel_spacing_mm=params.pixel_spacing_mm,
     )
-
-    upload = await read_upload(request, FILE_FIELD, settings.max_upload_bytes)
     received = time.perf_counter()
     async with limiter.slot():
         slotted = time.perf_counter()
@@ -302,7 +310,7 @@ async def segment(
             found=segmentation.found,
             area_px=segmentation.area_px,
             area_fraction=segmentation.area_fraction,
-            area_mm2=segmentation.area_mm2(pixel_spacing_mm),
+            area_mm2=segmentation.area_mm2(params.pixel_spacing_mm),
             bbox=BoundingBox(x=bbox[0], y=bbox[1], width=bbox[2], height=bbox[3]) if bbox else None,
         ),
         mask_png=outcome.mask_base64,

@@ -31,21 +31,30 @@ class Upload:
     data: bytes
     filename: str | None
     content_type: str | None
+    #: The small text fields asked for (options sent as form fields), by name.
+    fields: dict[str, str] = field(default_factory=dict)
 
 
 def _too_large(limit: int) -> ServiceError:
     return ServiceError(413, "payload_too_large", f"the upload is over the limit of {limit} bytes")
 
 
-class _InMemoryMultipart:
-    """Collects the parts of one multipart body (only the wanted field's data is kept)."""
+#: Longest text field kept (an option's value is a few characters).
+MAX_FIELD_BYTES = 256
 
-    def __init__(self, boundary: bytes, wanted: str) -> None:
+
+class _InMemoryMultipart:
+    """Collects the parts of one multipart body: the wanted file field's, and the named text fields'."""
+
+    def __init__(self, boundary: bytes, wanted: str, text_fields: frozenset[str] = frozenset()) -> None:
         self.wanted = wanted.encode()
+        self.text_fields = {name.encode() for name in text_fields}
         self.found: _Part | None = None
+        self.fields: dict[bytes, bytearray] = {}
         self.finished = False
         self._part = _Part()
         self._keep = False
+        self._text: bytearray | None = None
         self._header_field = bytearray()
         self._header_value = bytearray()
         self.parser = MultipartParser(
@@ -80,13 +89,21 @@ class _InMemoryMultipart:
     def _on_headers_finished(self) -> None:
         _, options = parse_options_header(self._part.headers.get(b"content-disposition", b""))
         # The first part with the wanted name wins; later duplicates are skipped, not buffered.
-        self._keep = options.get(b"name") == self.wanted and self.found is None
+        name = options.get(b"name")
+        self._keep = name == self.wanted and self.found is None
+        self._text = None
         if self._keep:
             self.found = self._part
+        elif name in self.text_fields and name not in self.fields:
+            self._text = self.fields[name] = bytearray()
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._keep:
             self._part.data += data[start:end]
+        elif self._text is not None:
+            self._text += data[start:end]
+            if len(self._text) > MAX_FIELD_BYTES:
+                raise ServiceError(422, "validation_error", "a form field is longer than any option's value")
 
     def _on_part_end(self) -> None:
         self._keep = False
@@ -95,8 +112,13 @@ class _InMemoryMultipart:
         self.finished = True
 
 
-async def read_upload(request: Request, field_name: str, max_bytes: int) -> Upload:
+async def read_upload(
+    request: Request, field_name: str, max_bytes: int, text_fields: frozenset[str] = frozenset()
+) -> Upload:
     """Reads the body of a ``multipart/form-data`` request and returns the part called ``field_name``.
+
+    Text parts named in ``text_fields`` are kept too (the first of each name, at most
+    :data:`MAX_FIELD_BYTES`); every other part is skipped without being buffered.
 
     Raises:
         ServiceError: 415 (not multipart), 413 ``payload_too_large``, 400 ``malformed_request``, or 422
@@ -117,7 +139,7 @@ async def read_upload(request: Request, field_name: str, max_bytes: int) -> Uplo
         raise _too_large(max_bytes)
 
     try:
-        form = _InMemoryMultipart(boundary, field_name)
+        form = _InMemoryMultipart(boundary, field_name, text_fields)
     except ValueError as error:  # e.g. a boundary longer than the RFC allows
         raise ServiceError(400, "malformed_request", f"bad multipart boundary: {error}") from None
     received = 0
@@ -147,4 +169,5 @@ async def read_upload(request: Request, field_name: str, max_bytes: int) -> Uplo
         data=bytes(part.data),
         filename=filename.decode("utf-8", "replace") if filename is not None else None,
         content_type=content_type.decode("latin-1") if content_type is not None else None,
+        fields={name.decode(): value.decode("utf-8", "replace") for name, value in form.fields.items()},
     )
