@@ -10,7 +10,6 @@ imported into this process; the run fails rather than time ONNX Runtime beside i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from bench.raw import SessionSetting, bench_raw, time_session
 from bench.report import BenchResults, ModelDescription, render, write_json
 from bench.timing import FULL, QUICK
 from bench.variants import bench_variants, model_precision
-from service.inference import ModelLoadError, OnnxModel, preprocess
+from service.inference import ModelLoadError, OnnxModel, preprocess, sha256_file
 
 logger = logging.getLogger("bench")
 
@@ -134,14 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _default_checkpoint(card: dict) -> Path | None:
     named = (card.get("export") or {}).get("checkpoint")
     if named and Path(named).is_file():
@@ -192,7 +183,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> BenchResults:
             threshold=info.threshold,
             precision=model_precision(model_path),
             size_bytes=model_path.stat().st_size,
-            sha256=_sha256(model_path),
+            sha256=sha256_file(model_path),
             providers=list(onnx_model.providers),
         ),
         photo=photo.description,

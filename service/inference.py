@@ -6,6 +6,7 @@ post-processing), by `dermaseg predict` and by the service. No TensorFlow is imp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -218,6 +219,15 @@ class Segmenter:
 def resolve_providers(requested: Sequence[str]) -> list[str]:
     """Maps short names (``cpu``, ``cuda``) to ONNX Runtime provider names, keeping order."""
     return [PROVIDER_ALIASES.get(name.lower(), name) for name in requested]
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file (a model's identity in its card, the service's model info and the benchmark)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 #: ONNX Runtime's session config entry for intra-op thread spinning.

@@ -8,7 +8,6 @@ up and only then marks the app ready. A missing or corrupt model fails the start
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 import time
@@ -26,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.errors import install_error_handlers
-from service.inference import ModelLoadError, OnnxModel, Segmenter, resolve_providers
+from service.inference import ModelLoadError, OnnxModel, Segmenter, resolve_providers, sha256_file
 from service.observability import Metrics, RequestMiddleware, configure_logging
 from service.routes import health, model, segment
 from service.routes import metrics as metrics_routes
@@ -56,14 +55,6 @@ def _version() -> str:
         return metadata.version("dermaseg")
     except metadata.PackageNotFoundError:
         return "0.0.0"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _preload_cuda_libraries(providers: Sequence[str]) -> None:
@@ -110,7 +101,7 @@ def load_served_model(settings: Settings) -> ServedModel:
         segmenter=onnx_model.segmenter(batch_size=1),
         providers=list(onnx_model.providers),
         requested_providers=list(settings.providers),
-        sha256=_sha256(onnx_model.path),
+        sha256=sha256_file(onnx_model.path),
         not_ready_reason=reason,
     )
 

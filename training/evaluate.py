@@ -167,7 +167,7 @@ def record_in_card(card_path: Path, model_path: Path, summary: dict[str, Any], l
     Raises:
         DataError: the card is unreadable or belongs to another file.
     """
-    from training.export import sha256_file
+    from service.inference import sha256_file
 
     card_path, model_path = Path(card_path), Path(model_path)
     try:

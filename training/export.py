@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ from service.inference import (
     OnnxModel,
     postprocess,
     preprocess,
+    sha256_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -1050,15 +1050,6 @@ def _integer_version(version: str) -> int:
     if len(parts) == 3 and all(part.isdigit() for part in parts):
         return int(parts[0]) * 1_000_000 + int(parts[1]) * 1_000 + int(parts[2])
     return 0
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sidecar(card: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
