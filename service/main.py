@@ -8,6 +8,7 @@ up and only then marks the app ready. A missing or corrupt model fails the start
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import anyio.to_thread
 import numpy as np
@@ -96,14 +98,38 @@ def load_served_model(settings: Settings) -> ServedModel:
     reason = None
     if settings.require_providers and first_wanted not in onnx_model.providers:
         reason = f"{first_wanted} was required but the session runs on {onnx_model.providers}"
+    digest = sha256_file(onnx_model.path)
+    card, card_source = read_card(onnx_model.path, digest, onnx_model.info.card)
     return ServedModel(
         info=onnx_model.info,
         segmenter=onnx_model.segmenter(batch_size=1),
         providers=list(onnx_model.providers),
         requested_providers=list(settings.providers),
-        sha256=sha256_file(onnx_model.path),
+        sha256=digest,
         not_ready_reason=reason,
+        card=card,
+        card_source=card_source,
     )
+
+
+def read_card(model_path: Path, sha256: str, embedded: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The sidecar card ``NAME.json`` when it is about this file (same sha256), else the embedded one.
+
+    The sidecar gathers what was learnt after the export (``dermaseg evaluate --card``); a sidecar that is
+    unreadable or belongs to another file is ignored with a warning, never trusted.
+    """
+    sidecar = model_path.with_suffix(".json")
+    if not sidecar.is_file():
+        return embedded, "embedded"
+    try:
+        card = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as error:
+        logger.warning("ignoring the model card %s: unreadable (%s)", sidecar, error)
+        return embedded, "embedded"
+    if not isinstance(card, dict) or card.get("sha256") != sha256:
+        logger.warning("ignoring the model card %s: it describes another file (sha256 differs)", sidecar)
+        return embedded, "embedded"
+    return card, "sidecar"
 
 
 def warm_up(segmenter: Segmenter, runs: int) -> None:

@@ -241,6 +241,7 @@ class ModelCard(BaseModel):
                         "intended_use": "research use, not for diagnosis",
                         "input": {"dtype": "float32", "layout": "NHWC", "range": [0, 255]},
                     },
+                    "card_source": "sidecar",
                     "metadata": {"dermaseg.name": "dermaseg-resnet50v2-unet"},
                 }
             ]
@@ -254,5 +255,9 @@ class ModelCard(BaseModel):
     providers: list[str] = Field(description="Providers the session really runs on.")
     requested_providers: list[str]
     sha256: str = Field(description="SHA-256 of the ONNX file (matches the sidecar card).")
-    card: dict[str, Any] = Field(description="The model card embedded in the ONNX metadata (dermaseg.card).")
+    card: dict[str, Any] = Field(
+        description="The model card: the sidecar NAME.json beside the model when its sha256 is this file's "
+        "(it carries the evaluations made after the export), else the one embedded in the ONNX metadata."
+    )
+    card_source: Literal["sidecar", "embedded"] = Field(description="Where `card` comes from.")
     metadata: dict[str, str] = Field(description="Other ONNX metadata_props.")

@@ -119,11 +119,30 @@ def test_model_card(client: TestClient, model_path: Path) -> None:
     assert body["version"] == TINY_VERSION
     assert body["input_size"] == {"width": 64, "height": 64}
     assert body["threshold"] == 0.5
-    assert body["card"] == TINY_CARD
+    assert body["card"] == TINY_CARD and body["card_source"] == "embedded"
     assert body["providers"] == ["CPUExecutionProvider"]
     assert body["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
     assert "dermaseg.card" not in body["metadata"]
     assert body["metadata"]["dermaseg.input_size"] == "64x64"
+
+
+def test_model_card_prefers_a_sidecar_about_this_file(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    model = write_darkness_model(tmp_path / "m.onnx")
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    sidecar = tmp_path / "m.json"
+    for content, source in (
+        ({"sha256": digest, "evaluation": [{"label": "plain"}]}, "sidecar"),
+        ({"sha256": "0" * 64, "evaluation": []}, "embedded"),  # another file's card: not trusted
+        ("{not json", "embedded"),
+    ):
+        sidecar.write_text(content if isinstance(content, str) else json.dumps(content))
+        with TestClient(create_app(make_settings(model))) as client:
+            body = client.get("/v1/model").json()
+        assert body["card_source"] == source
+        assert body["card"] == (content if source == "sidecar" else TINY_CARD)
 
 
 def test_metrics_move_after_requests(client: TestClient) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Annotated, cast
+from dataclasses import dataclass, field
+from typing import Annotated, Any, cast
 
 import anyio
 from fastapi import Depends, Request, Security
@@ -33,6 +33,9 @@ class ServedModel:
         requested_providers: the providers the settings asked for.
         sha256: of the ONNX file.
         not_ready_reason: why the model must not serve (a required provider is not in use), or None.
+        card: the model card: the sidecar ``NAME.json`` when it describes this very file (it gathers the
+            evaluations made after the export), else the card embedded in the ONNX metadata.
+        card_source: ``sidecar`` or ``embedded``.
     """
 
     info: ModelInfo
@@ -41,6 +44,8 @@ class ServedModel:
     requested_providers: list[str]
     sha256: str
     not_ready_reason: str | None = None
+    card: dict[str, Any] = field(default_factory=dict)
+    card_source: str = "embedded"
 
 
 class InferenceLimiter:

@@ -32,6 +32,7 @@ async def get_model(served: LoadedModelDep) -> ModelCard:
         providers=served.providers,
         requested_providers=served.requested_providers,
         sha256=served.sha256,
-        card=info.card,
+        card=served.card,
+        card_source=served.card_source,
         metadata={key: value for key, value in info.metadata.items() if key != META_PREFIX + "card"},
     )
