@@ -235,3 +235,36 @@ def test_cli_help_does_not_import_tensorflow() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.realdata
+def test_trains_briefly_on_real_ph2_and_evaluates(shared_data: Path, tmp_path: Path) -> None:
+    """A few epochs on 12 real PH2 photos (the normalized layout of ../shared/data), then `evaluate`."""
+    from training.evaluate import evaluate
+    from training.train import train
+
+    out = tmp_path / "ph2-run"
+    cfg = tiny_config(
+        shared_data / "ph2",
+        out,
+        arch="unet",
+        unet_base_filters=8,
+        epochs=4,
+        learning_rate=3e-3,
+        loss="focal",
+        max_images=12,
+        val_fraction=0.25,
+    )
+    summary = train(cfg)
+    history = read_history(out / "history.csv")
+    assert len(history) == 4 and summary["train_images"] + summary["val_images"] == 12
+    assert min(row["loss"] for row in history[1:]) < history[0]["loss"]
+
+    split = json.loads((out / "split.json").read_text())
+    result = evaluate(out / "best.keras", [], split=out / "split.json")
+    assert result["n_images"] == len(split["val"]) == summary["val_images"]
+    for name in ("accuracy", "dice", "jaccard", "sensitivity", "specificity"):
+        assert 0.0 <= result["mean"][name] <= 1.0
+    # PH2 masks are compared at their own size (long side 512 here), not the network's 64 px.
+    first = result["per_image"][0]
+    assert first["tp"] + first["fp"] + first["fn"] + first["tn"] > 64 * 64 * 10
