@@ -40,10 +40,12 @@ lint: $(BIN)/.dev-deps ## ruff and hadolint
 openapi: $(BIN)/.dev-deps ## regenerate openapi/openapi.json from the app
 	$(BIN)/python -m service.openapi
 
-# The comparisons docs/performance.md shows: session threads and spinning; the service as shipped, as it was
-# before the PNG level and uvicorn's fast paths, with one ONNX Runtime thread per request, and mask-only answers.
+# The comparisons docs/performance.md shows: session threads and spinning; the service as shipped (intra-op
+# threads = CPUs / max_concurrency), with ONNX Runtime's own thread count, as it was before this benchmark's
+# changes (that thread count, Pillow's PNG level, h11 + asyncio), and answering with the mask alone.
 BENCH_OPTS ?= --threads 0,1 --spinning default,off --service defaults: \
-  --service before:png_compress_level=6,http=h11,loop=asyncio --service one-thread:intra_op_threads=1 \
+  --service ort-threads:intra_op_threads=0 \
+  --service before:intra_op_threads=0,png_compress_level=6,http=h11,loop=asyncio \
   --service mask-only:query=outputs=mask
 
 bench: $(BIN)/.dev-deps ## run the performance benchmark, writes docs/performance.md (on a quiet machine)

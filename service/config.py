@@ -7,6 +7,7 @@ origins) may be given as JSON (``["cuda", "cpu"]``) or comma-separated (``cuda,c
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,15 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_PATH = PACKAGE_ROOT / "models" / "dermaseg.onnx"
 
 MIB = 1024 * 1024
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
 
 #: Names that stand for several providers: the GPU image sets DERMASEG_PROVIDERS=gpu (its FLAVOR).
 PROVIDER_SHORTHANDS = {"gpu": ["cuda", "cpu"]}
@@ -58,8 +68,12 @@ class Settings(BaseSettings):
         description="When the first provider (e.g. cuda) is not what the session really runs on, report "
         "not-ready (503) and refuse to segment instead of serving from the fallback.",
     )
-    intra_op_threads: int = Field(
-        default=0, ge=0, description="ONNX Runtime intra-op threads (0: its choice)."
+    intra_op_threads: int | None = Field(
+        default=None,
+        ge=0,
+        description="ONNX Runtime intra-op threads per session run. Unset: the usable CPUs divided by "
+        "max_concurrency (at least 1), so that concurrent segmentations do not fight over cores; 0: ONNX "
+        "Runtime's own choice (all cores for each run).",
     )
     inter_op_threads: int = Field(
         default=0, ge=0, description="ONNX Runtime inter-op threads (0: its choice)."
@@ -121,6 +135,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DERMASEG_PORT", "PORT", "port"),
         description="Port `python -m service.main` listens on (DERMASEG_PORT, or PORT as platforms set it).",
     )
+
+    def resolved_intra_op_threads(self) -> int:
+        """The intra-op thread count the session gets (see ``intra_op_threads``)."""
+        if self.intra_op_threads is not None:
+            return self.intra_op_threads
+        return max(1, usable_cpus() // self.max_concurrency)
 
     @field_validator("providers", "api_keys", "cors_origins", mode="before")
     @classmethod

@@ -90,7 +90,7 @@ def load_served_model(settings: Settings) -> ServedModel:
         settings.providers,
         # Checked below instead, so that a missing provider makes the app not-ready (503) rather than absent.
         require_providers=False,
-        intra_op_threads=settings.intra_op_threads,
+        intra_op_threads=settings.resolved_intra_op_threads(),
         inter_op_threads=settings.inter_op_threads,
         thread_spinning=settings.thread_spinning,
     )
@@ -158,10 +158,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.error("model loaded but NOT READY: %s", served.not_ready_reason)
     else:
         logger.info(
-            "ready: model %s %s on %s (loaded and warmed up in %.0f ms)",
+            "ready: model %s %s on %s, %d intra-op thread(s) × %d at once (loaded and warmed up in %.0f ms)",
             served.info.name,
             served.info.version,
             ",".join(served.providers),
+            settings.resolved_intra_op_threads(),
+            settings.max_concurrency,
             (time.perf_counter() - started) * 1000.0,
         )
     try:

@@ -331,3 +331,16 @@ def test_app_factory_builds_without_a_model(tmp_path: Path) -> None:
     app = create_app(Settings(model_path=tmp_path / "nothing-here.onnx"))
     assert isinstance(app, FastAPI)
     assert app.state.served is None
+
+
+def test_intra_op_threads_default_to_the_cpus_shared_by_concurrent_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import service.config as config
+
+    monkeypatch.setattr(config, "usable_cpus", lambda: 8)
+    assert Settings(max_concurrency=2).resolved_intra_op_threads() == 4
+    assert Settings(max_concurrency=3).resolved_intra_op_threads() == 2
+    assert Settings(max_concurrency=16).resolved_intra_op_threads() == 1
+    assert Settings(max_concurrency=2, intra_op_threads=0).resolved_intra_op_threads() == 0  # ONNX Runtime's
+    assert Settings(max_concurrency=2, intra_op_threads=3).resolved_intra_op_threads() == 3
