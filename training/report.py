@@ -148,10 +148,26 @@ def write_report(
             f"encoder weights `{cfg.encoder_weights}`, precision {cfg.precision}, "
             f"{summary.get('train_images', '?')} training / {summary.get('val_images', '?')} validation."
         )
+    stopped_early = [
+        row for row in rows if row["summary"].get("epochs_run", row["config"].epochs) < row["config"].epochs
+    ]
+    if rows and len(stopped_early) == len(rows):
+        lines += [
+            "",
+            "Early stopping (patience "
+            + "/".join(sorted({str(row["config"].early_stopping_patience) for row in rows}))
+            + ") ended every run before its epoch cap, so a cap below the paper's 50 epochs did not bind.",
+        ]
     lines += [
         "",
         "ImageNet weights cannot be downloaded on the machines these runs were made on, so every encoder",
         "here starts from random initialization (`--encoder-weights none`); the paper starts from ImageNet.",
+        "",
+        "*External* is every image of "
+        + ", ".join(f"`{root}`" for root in external_roots)
+        + " (the ISIC 2017 training images,",
+        "which contain the ISIC 2016 challenge's training and test images; nothing in the data tells the",
+        "2016 test part apart, so all are scored). Training never saw them.",
         "",
         "## Comparison (per-image mean; pooled in the JSON files)",
         "",
@@ -178,6 +194,14 @@ def write_report(
     lines.append("")
 
     with_external = [row for row in rows if row["external"]]
+    if len(with_external) > 1:
+        ranked = sorted(with_external, key=lambda row: row["external"]["mean"]["dice"], reverse=True)
+        lines += [
+            "On the external set, by mean Dice: "
+            + " > ".join(f"{row['label']} {row['external']['mean']['dice']:.3f}" for row in ranked)
+            + ".",
+            "",
+        ]
     if with_external:
         _bar_chart(with_external, figures / "comparison.png")
         lines += ["![Models compared on the external test set](figures/comparison.png)", ""]
