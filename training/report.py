@@ -81,8 +81,13 @@ def _bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
 
 def _overlays(
     run: Path, external: dict[str, Any], roots: Sequence[Path], folder: Path, count: int
-) -> list[str]:
-    """Re-predicts the worst, median and best external images and writes their overlays."""
+) -> list[tuple[str, str]]:
+    """Re-predicts the worst, median and best external images and writes their overlays.
+
+    Returns:
+        ``(image id, figure file name)`` pairs, worst first; a figure is named by its rank
+        (``worst-1-ISIC_….png``), the folder holding nothing else.
+    """
     from training.data import load_samples
     from training.evaluate import evaluate
 
@@ -91,7 +96,8 @@ def _overlays(
     chosen = ranked[:count] + ranked[middle : middle + 1] + ranked[-count:]
     wanted = {row["id"] for row in chosen}
     samples = [s for s in load_samples(list(roots)) if s.id in wanted]
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     evaluate(
         run / "best.keras",
         roots,
@@ -100,7 +106,14 @@ def _overlays(
         threshold=external.get("threshold"),
         **external.get("postprocess", {}),
     )
-    return [f"{row['id']}.png" for row in chosen]
+    ranks = [f"worst-{i + 1}" for i in range(count)] + ["median"]
+    ranks += [f"best-{count - i}" for i in range(count)]
+    named = []
+    for rank, row in zip(ranks, chosen, strict=True):
+        name = f"{rank}-{row['id']}.png"
+        (folder / f"{row['id']}.png").rename(folder / name)
+        named.append((row["id"], name))
+    return named
 
 
 def write_report(
@@ -229,9 +242,9 @@ def write_report(
             "Worst, median and best images by Dice (green: expert outline, red: prediction).",
             "",
         ]
-        for name in names:
+        for image_id, name in names:
             lines += [
-                f"Dice {by_id[Path(name).stem]:.3f}: ![{name}]({folder.relative_to(out.parent)}/{name})",
+                f"{image_id}, Dice {by_id[image_id]:.3f}: ![{name}]({folder.relative_to(out.parent)}/{name})",
                 "",
             ]
 
