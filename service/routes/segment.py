@@ -131,7 +131,7 @@ def _segment_photo(
     want_probability: bool,
     base64_encode: bool,
     metrics: Metrics,
-    png_compress_level: int = 6,
+    png_compress_level: int,
 ) -> _Outcome:
     """Decode → preprocess → session → postprocess → encode, timing each step (runs in a worker thread)."""
     timings: dict[str, float] = {}
@@ -163,10 +163,12 @@ def _segment_photo(
         fill_holes=options.fill_holes,
     )
     lap("postprocess")
-    level = png_compress_level
-    mask_png = encode_png(segmentation.mask, level) if want_mask else None
-    probability = probability_to_uint8(segmentation.probability) if want_probability else None
-    probability_png = encode_png(probability, level) if probability is not None else None
+    mask_png = encode_png(segmentation.mask, png_compress_level) if want_mask else None
+    probability_png = (
+        encode_png(probability_to_uint8(segmentation.probability), png_compress_level)
+        if want_probability
+        else None
+    )
     mask_base64 = _b64(mask_png) if base64_encode else None
     probability_base64 = _b64(probability_png) if base64_encode else None
     lap("encode")
