@@ -181,7 +181,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> BenchResults:
             version=info.version,
             input_size=info.input_size,
             threshold=info.threshold,
-            precision=model_precision(model_path),
+            precision=model_precision(info),
             size_bytes=model_path.stat().st_size,
             sha256=sha256_file(model_path),
             providers=list(onnx_model.providers),
@@ -224,7 +224,9 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> BenchResults:
         photos = load_labelled_photos(
             split, args.data or DEFAULT_VALIDATION_ROOT, effort.validation_images, effort.calibration_images
         )
-        results.variants = bench_variants(model_path, photo.rgb, photos, effort, workdir)
+        results.variants = bench_variants(
+            model_path, results.model.precision, photo.rgb, photos, effort, workdir
+        )
     if "keras" not in skip:
         logger.info("Keras, in a subprocess …")
         keras = run_keras_comparison(

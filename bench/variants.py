@@ -19,14 +19,13 @@ import numpy as np
 from bench.inputs import LabelledPhotos
 from bench.raw import network_batch
 from bench.timing import Effort, Timing, measure
-from service.inference import META_PREFIX, OnnxModel, postprocess, preprocess
+from service.inference import META_PREFIX, ModelInfo, OnnxModel, preprocess
+from training.export import mean_dice, predict_masks
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "float16", "int8")
 SUFFIXES = {"float32": ".fp32.onnx", "float16": ".fp16.onnx", "int8": ".int8.onnx"}
-#: Photos per session call when computing the masks (a session's arena grows to its largest batch).
-CHUNK = 8
 
 
 @dataclass
@@ -55,15 +54,10 @@ class VariantsResult:
         return next((v for v in self.variants if v.precision == precision), None)
 
 
-def model_precision(path: Path) -> str:
+def model_precision(info: ModelInfo) -> str:
     """The precision the export wrote into the model's metadata (``dermaseg.precision``); float32 if none."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    for entry in proto.metadata_props:
-        if entry.key == META_PREFIX + "precision" and entry.value in PRECISIONS:
-            return entry.value
-    return "float32"
+    precision = info.metadata.get(META_PREFIX + "precision", "float32")
+    return precision if precision in PRECISIONS else "float32"
 
 
 def sibling(model_path: Path, precision: str) -> Path:
@@ -72,12 +66,12 @@ def sibling(model_path: Path, precision: str) -> Path:
 
 
 def find_or_make_variants(
-    model_path: Path, workdir: Path, calibration: list[np.ndarray], notes: list[str]
+    model_path: Path, precision: str, workdir: Path, calibration: list[np.ndarray], notes: list[str]
 ) -> dict[str, tuple[Path, str]]:
     """The three precisions' files, and for each where it came from; made in ``workdir`` where missing."""
     from training.export import quantize_int8, write_float16_storage
 
-    found: dict[str, tuple[Path, str]] = {model_precision(model_path): (model_path, "the model benchmarked")}
+    found: dict[str, tuple[Path, str]] = {precision: (model_path, "the model benchmarked")}
     for precision in PRECISIONS:
         if precision not in found and sibling(model_path, precision).is_file():
             found[precision] = (sibling(model_path, precision), "beside the model")
@@ -100,59 +94,41 @@ def find_or_make_variants(
     return found
 
 
-def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    from training.metrics import confusion_counts, metrics_from_counts
-
-    return float(metrics_from_counts(*confusion_counts(prediction, truth))["dice"])
-
-
-def _masks(model: OnnxModel, photos: LabelledPhotos, threshold: float) -> tuple[list[np.ndarray], np.ndarray]:
-    batch = np.stack([preprocess(image, model.info.input_size) for image in photos.images])
-    probabilities = np.concatenate(
-        [model(batch[start : start + CHUNK]) for start in range(0, len(batch), CHUNK)]
-    )
-    masks = [
-        postprocess(probability, image.shape[:2], threshold).mask
-        for probability, image in zip(probabilities, photos.images, strict=True)
-    ]
-    return masks, probabilities
-
-
 def bench_variants(
-    model_path: Path, rgb: np.ndarray, photos: LabelledPhotos, effort: Effort, workdir: Path
+    model_path: Path, precision: str, rgb: np.ndarray, photos: LabelledPhotos, effort: Effort, workdir: Path
 ) -> VariantsResult:
-    """Batch-1 latency on the photo, size, and mean per-photo Dice (vs truth and vs float32) per precision."""
+    """Batch-1 latency on the photo, size, and mean per-photo Dice (vs truth and vs float32) per precision.
+
+    ``precision`` is the benchmarked model's own (:func:`model_precision`).
+    """
     result = VariantsResult(photos=photos.source)
-    files = find_or_make_variants(model_path, workdir, photos.calibration, result.notes)
+    files = find_or_make_variants(model_path, precision, workdir, photos.calibration, result.notes)
+    info = OnnxModel(model_path).info  # every variant carries the same metadata (input size, threshold)
+    single = network_batch(rgb, info.input_size, 1)
+    validation = (
+        np.stack([preprocess(image, info.input_size) for image in photos.images]) if photos.images else None
+    )
     reference_masks: list[np.ndarray] = []
     reference_probabilities: np.ndarray | None = None
-    threshold = OnnxModel(files.get("float32", (model_path, ""))[0]).info.threshold
-    for precision in (p for p in PRECISIONS if p in files):
-        path, origin = files[precision]
+    for variant_precision in (p for p in PRECISIONS if p in files):
+        path, origin = files[variant_precision]
         model = OnnxModel(path)
-        batch = network_batch(rgb, model.info.input_size, 1)
         variant = VariantResult(
-            precision,
-            path,
-            origin,
-            path.stat().st_size,
-            measure(partial(model, batch), effort),
+            variant_precision, path, origin, path.stat().st_size, measure(partial(model, single), effort)
         )
-        if photos.images:
-            masks, probabilities = _masks(model, photos, threshold)
-            if precision == "float32":
+        if validation is not None:
+            masks, probabilities = predict_masks(model, photos.images, validation, info.threshold)
+            if variant_precision == "float32":
                 reference_masks, reference_probabilities = masks, probabilities
-            variant.dice_vs_truth = float(
-                np.mean([_dice(m, t) for m, t in zip(masks, photos.truths, strict=True)])
-            )
+            variant.dice_vs_truth = mean_dice(masks, photos.truths)
             if reference_probabilities is not None:
-                variant.dice_vs_float32 = float(
-                    np.mean([_dice(m, r) for m, r in zip(masks, reference_masks, strict=True)])
-                )
+                variant.dice_vs_float32 = mean_dice(masks, reference_masks)
                 variant.max_abs_diff_vs_float32 = float(
                     np.max(np.abs(probabilities - reference_probabilities))
                 )
-        logger.info("variant %s: p50 %.1f ms, Dice %s", precision, variant.timing.p50, variant.dice_vs_truth)
+        logger.info(
+            "variant %s: p50 %.1f ms, Dice %s", variant_precision, variant.timing.p50, variant.dice_vs_truth
+        )
         result.variants.append(variant)
         del model
     return result

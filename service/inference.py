@@ -230,6 +230,29 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+class CardError(ValueError):
+    """A model card that is unreadable or describes another file."""
+
+
+def load_card(card_path: str | Path, sha256: str) -> dict[str, Any]:
+    """A sidecar model card (``NAME.json``), checked to describe the file whose sha256 is given.
+
+    Raises:
+        CardError: unreadable, not a JSON object, or its ``sha256`` is another file's.
+    """
+    card_path = Path(card_path)
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CardError(f"{card_path}: not a readable model card ({error})") from None
+    if not isinstance(card, dict) or card.get("sha256") != sha256:
+        found = card.get("sha256") if isinstance(card, dict) else None
+        raise CardError(
+            f"{card_path} describes a file with sha256 {str(found)[:12]}…, not the one with {sha256[:12]}…"
+        )
+    return card
+
+
 #: ONNX Runtime's session config entry for intra-op thread spinning.
 SPINNING_CONFIG_KEY = "session.intra_op.allow_spinning"
 

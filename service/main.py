@@ -8,7 +8,6 @@ up and only then marks the app ready. A missing or corrupt model fails the start
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -27,7 +26,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.errors import install_error_handlers
-from service.inference import ModelLoadError, OnnxModel, Segmenter, resolve_providers, sha256_file
+from service.inference import (
+    CardError,
+    ModelLoadError,
+    OnnxModel,
+    Segmenter,
+    load_card,
+    resolve_providers,
+    sha256_file,
+)
 from service.observability import Metrics, RequestMiddleware, configure_logging
 from service.routes import health, model, segment
 from service.routes import metrics as metrics_routes
@@ -122,14 +129,10 @@ def read_card(model_path: Path, sha256: str, embedded: dict[str, Any]) -> tuple[
     if not sidecar.is_file():
         return embedded, "embedded"
     try:
-        card = json.loads(sidecar.read_text())
-    except (OSError, ValueError) as error:
-        logger.warning("ignoring the model card %s: unreadable (%s)", sidecar, error)
+        return load_card(sidecar, sha256), "sidecar"
+    except CardError as error:
+        logger.warning("ignoring the model card: %s", error)
         return embedded, "embedded"
-    if not isinstance(card, dict) or card.get("sha256") != sha256:
-        logger.warning("ignoring the model card %s: it describes another file (sha256 differs)", sidecar)
-        return embedded, "embedded"
-    return card, "sidecar"
 
 
 def warm_up(segmenter: Segmenter, runs: int) -> None:

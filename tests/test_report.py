@@ -48,7 +48,7 @@ def test_release_section(tmp_path: Path) -> None:
     figures = tmp_path / "figures"
     figures.mkdir()
 
-    text = "\n".join(release_section(run, card, figures, tmp_path))
+    text = "\n".join(release_section(run, card, figures))
     assert "(0.0 h of training steps here, 3 epochs)" in text  # 40/4 + 40/4 + 40/2 s
     assert "| flip test-time augmentation | 2 | 0.800 |" in text and "+0.1000 (±0.0000) | 0 / 2 |" in text
     assert "| float16 (shipped) | 1.0 | 5.0 | 1.000 |" in text

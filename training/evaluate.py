@@ -167,19 +167,13 @@ def record_in_card(card_path: Path, model_path: Path, summary: dict[str, Any], l
     Raises:
         DataError: the card is unreadable or belongs to another file.
     """
-    from service.inference import sha256_file
+    from service.inference import CardError, load_card, sha256_file
 
     card_path, model_path = Path(card_path), Path(model_path)
     try:
-        card = json.loads(card_path.read_text())
-    except (OSError, ValueError) as error:
-        raise DataError(f"{card_path}: not a readable model card ({error})") from None
-    digest = sha256_file(model_path)
-    if card.get("sha256") != digest:
-        raise DataError(
-            f"{card_path} describes a file with sha256 {str(card.get('sha256'))[:12]}…, "
-            f"not {model_path} ({digest[:12]}…): evaluate the model the card belongs to"
-        )
+        card = load_card(card_path, sha256_file(model_path))
+    except CardError as error:
+        raise DataError(f"{error} ({model_path}): evaluate the model the card belongs to") from None
     entry = {key: value for key, value in summary.items() if key != "per_image"}
     entry["label"] = label
     entry["model"] = model_path.name

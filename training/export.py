@@ -634,10 +634,34 @@ def verify_parity(
     return {"max_abs_diff": diffs[worst], "tolerance": PARITY_TOLERANCE, "per_input": diffs}
 
 
-def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+def mean_dice(predictions: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> float:
+    """Mean per-image Dice of masks against reference masks of the same sizes."""
     from training.metrics import confusion_counts, metrics_from_counts
 
-    return metrics_from_counts(*confusion_counts(prediction, truth))["dice"]
+    return float(
+        np.mean(
+            [
+                metrics_from_counts(*confusion_counts(prediction, truth))["dice"]
+                for prediction, truth in zip(predictions, truths, strict=True)
+            ]
+        )
+    )
+
+
+def predict_masks(
+    model: OnnxModel, images: Sequence[np.ndarray], batch: np.ndarray, threshold: float
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each photo's mask at its own size, and the network-size probabilities ``(N, h, w, 1)``.
+
+    ``batch`` is ``images`` preprocessed; it runs a few photos at a time, since a session's memory arena
+    grows to the largest batch it has seen.
+    """
+    probabilities = np.concatenate([model(batch[start : start + 8]) for start in range(0, len(batch), 8)])
+    masks = [
+        postprocess(probability, image.shape[:2], threshold).mask
+        for probability, image in zip(probabilities, images, strict=True)
+    ]
+    return masks, probabilities
 
 
 def measure_variants(
@@ -675,30 +699,17 @@ def measure_variants(
             "max_abs_diff_vs_float32": None,
             "n_images": len(evaluation.images),
         }
-        if evaluation.images:
-            probabilities = _predict_in_chunks(model, evaluation.batch)
-            masks = [
-                postprocess(probability, image.shape[:2], threshold).mask
-                for probability, image in zip(probabilities, evaluation.images, strict=True)
-            ]
+        if evaluation.images and evaluation.batch is not None:
+            masks, probabilities = predict_masks(model, evaluation.images, evaluation.batch, threshold)
             if precision == "float32":
                 reference_masks, reference_probabilities = masks, probabilities
-            result["dice_vs_float32"] = round(
-                float(np.mean([_dice(m, r) for m, r in zip(masks, reference_masks, strict=True)])), 6
-            )
-            result["dice_vs_truth"] = round(
-                float(np.mean([_dice(m, t) for m, t in zip(masks, evaluation.truths, strict=True)])), 6
-            )
+            result["dice_vs_float32"] = round(mean_dice(masks, reference_masks), 6)
+            result["dice_vs_truth"] = round(mean_dice(masks, evaluation.truths), 6)
             result["max_abs_diff_vs_float32"] = float(np.max(np.abs(probabilities - reference_probabilities)))
         del model  # each session keeps its memory arena: one at a time
         results[precision] = result
         logger.info("%s: %s", precision, {k: v for k, v in result.items() if k != "precision"})
     return results
-
-
-def _predict_in_chunks(model: OnnxModel, batch: np.ndarray, chunk: int = 8) -> np.ndarray:
-    """Probabilities ``(N, h, w, 1)``, a few photos per run: a session's arena grows to its largest batch."""
-    return np.concatenate([model(batch[start : start + chunk]) for start in range(0, len(batch), chunk)])
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -249,7 +249,7 @@ def write_report(
             ]
 
     if release is not None:
-        lines += release_section(release, Path("models") / "dermaseg.json", figures, out.parent)
+        lines += release_section(release, Path("models") / "dermaseg.json", figures)
 
     lines.append(INCONSISTENCIES)
     text = "\n".join(lines)
@@ -293,7 +293,7 @@ def _training_hours(run: Path, summary: dict[str, Any]) -> str:
     return f" ({hours:.1f} h of training steps here, {len(history)} epochs)"
 
 
-def release_section(release: Path, card_path: Path, figures: Path, root: Path) -> list[str]:
+def release_section(release: Path, card_path: Path, figures: Path) -> list[str]:
     """The release model: how it was trained, the evidence behind its variant, and what it scores."""
     card = _load(card_path) or {}
     cfg = TrainConfig.load(release / "config.json")
