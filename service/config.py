@@ -107,6 +107,12 @@ class Settings(BaseSettings):
         description="zlib level of the PNGs returned (0–9): 1 encodes a 1024 × 768 confidence map about 4× "
         "faster than Pillow's 6 for about 30 % more bytes.",
     )
+    upload_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest time an upload may take to arrive, in seconds; a slower or stalled one is "
+        "cut off with 408.",
+    )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After (seconds) sent with 503 overloaded.")
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
@@ -117,7 +123,11 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (none by default: CORS off)."
     )
-    docs: bool = Field(default=True, description="Serve /docs, /redoc and /openapi.json.")
+    docs: bool = Field(
+        default=False,
+        description="Serve /docs, /redoc and /openapi.json (off by default: the contract is "
+        "openapi/openapi.json in the repository).",
+    )
     log_level: LogLevel = Field(default="INFO", description="Logging level.")
 
     http: Literal["auto", "h11", "httptools"] = Field(

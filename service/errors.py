@@ -28,6 +28,7 @@ ERROR_CODES: dict[str, int] = {
     "not_found": 404,
     "method_not_allowed": 405,
     "not_acceptable": 406,
+    "request_timeout": 408,
     "payload_too_large": 413,
     "image_too_large": 413,
     "unsupported_media_type": 415,

@@ -16,6 +16,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Formats a client may upload (Pillow format names).
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF"})
+#: Formats whose extra frames are part of one photo (a phone's MPO holds the photo, then previews);
+#: any other multi-frame image (a multi-page TIFF, an animated PNG) holds several pictures: refused.
+FIRST_FRAME_FORMATS = frozenset({"MPO"})
+#: Leading bytes of documents that clients send by mistake, told apart from images we cannot read.
+DOCUMENT_SIGNATURES = {b"%PDF-": "PDF", b"PK\x03\x04": "ZIP/Office", b"{\\rtf": "RTF"}
 
 #: Interpolation used to resize photos to the network's input, in training and in serving alike.
 IMAGE_RESAMPLE = Image.Resampling.BILINEAR
@@ -75,6 +80,15 @@ def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
         ImageDecodeError: the bytes are no image, a format we do not take, truncated, or too large.
     """
     name = str(source) if isinstance(source, str | Path) else "upload"
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageDecodeError("undecodable_image", f"{name}: the file is empty")
+        for signature, kind in DOCUMENT_SIGNATURES.items():
+            if source.startswith(signature):
+                raise ImageDecodeError(
+                    "unsupported_media_type",
+                    f"{name}: a {kind} document, not a photo (JPEG, PNG, BMP or TIFF)",
+                )
     stream = open(source, "rb") if isinstance(source, str | Path) else io.BytesIO(source)  # noqa: SIM115
     try:
         with warnings.catch_warnings():
@@ -87,6 +101,12 @@ def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
                     raise ImageDecodeError(
                         "unsupported_media_type",
                         f"{name}: format {image.format} is not supported (JPEG, PNG, BMP or TIFF)",
+                    )
+                frames = int(getattr(image, "n_frames", 1))
+                if frames > 1 and image.format not in FIRST_FRAME_FORMATS:
+                    raise ImageDecodeError(
+                        "unsupported_media_type",
+                        f"{name}: a {image.format} of {frames} frames or pages; send one photo",
                     )
                 width, height = image.size
                 if width * height > max_pixels:

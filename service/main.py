@@ -1,8 +1,9 @@
 """The FastAPI app factory, its lifespan, and ``serve()`` / ``python -m service.main``.
 
-``create_app(settings)`` builds the app without touching the model; the lifespan loads it once, warms it
-up and only then marks the app ready. A missing or corrupt model fails the start-up with one clear line
-(uvicorn then exits non-zero); a required provider that is not in use leaves the app up but not ready.
+``create_app(settings)`` builds the app without touching the model; the lifespan loads it once, then lets
+the server listen while it warms the model up, and only then marks the app ready (``/health/ready`` is 503
+``warming up`` until then). A missing or corrupt model fails the start-up with one clear line (uvicorn then
+exits non-zero); a required provider that is not in use leaves the app up but not ready.
 """
 
 from __future__ import annotations
@@ -102,6 +103,11 @@ def load_served_model(settings: Settings) -> ServedModel:
         thread_spinning=settings.thread_spinning,
     )
     first_wanted = resolve_providers(settings.providers)[0]
+    fallback = first_wanted not in onnx_model.providers
+    if fallback:
+        logger.warning(
+            "%s was asked for but is not in use: the session runs on %s", first_wanted, onnx_model.providers
+        )
     reason = None
     if settings.require_providers and first_wanted not in onnx_model.providers:
         reason = f"{first_wanted} was required but the session runs on {onnx_model.providers}"
@@ -114,6 +120,7 @@ def load_served_model(settings: Settings) -> ServedModel:
         requested_providers=list(settings.providers),
         sha256=digest,
         not_ready_reason=reason,
+        fallback=fallback,
         card=card,
         card_source=card_source,
     )
@@ -143,6 +150,40 @@ def warm_up(segmenter: Segmenter, runs: int) -> None:
         segmenter.segment([photo])
 
 
+WARMING_UP = "warming up"
+
+
+async def _warm_up_then_ready(app: FastAPI, served: ServedModel, runs: int, started: float) -> None:
+    """Warms the model up while the server already answers probes, then marks the app ready.
+
+    A warm-up that fails leaves the app up but not ready, with the reason in ``/health/ready`` and the log.
+    """
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    try:
+        await anyio.to_thread.run_sync(warm_up, served.segmenter, runs, abandon_on_cancel=True)
+    except Exception as error:
+        app.state.not_ready_reason = f"warm-up failed: {type(error).__name__}: {error}"
+        logger.error("model loaded but NOT READY: %s", app.state.not_ready_reason)
+        return
+    app.state.not_ready_reason = served.not_ready_reason
+    app.state.ready = served.not_ready_reason is None
+    metrics.ready.set(1 if app.state.ready else 0)
+    if served.not_ready_reason:
+        logger.error("model loaded but NOT READY: %s", served.not_ready_reason)
+        return
+    logger.info(
+        "ready: model %s %s on %s%s, %d intra-op thread(s) × %d at once (loaded and warmed up in %.0f ms)",
+        served.info.name,
+        served.info.version,
+        ",".join(served.providers),
+        f" (FALLBACK: {served.requested_providers[0]} was asked for)" if served.fallback else "",
+        settings.resolved_intra_op_threads(),
+        settings.max_concurrency,
+        (time.perf_counter() - started) * 1000.0,
+    )
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -153,27 +194,26 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     except ModelLoadError as error:
         app.state.startup_error = f"cannot start DermaSeg: {error}"
         raise
-    await anyio.to_thread.run_sync(warm_up, served.segmenter, settings.warmup_runs)
+    # Loaded: from here the server listens (liveness answers) while readiness says 503 until warmed up.
     app.state.served = served
-    app.state.ready = served.not_ready_reason is None
-    metrics.set_model(served.info.name, served.info.version, served.providers, app.state.ready)
-    if served.not_ready_reason:
-        logger.error("model loaded but NOT READY: %s", served.not_ready_reason)
-    else:
-        logger.info(
-            "ready: model %s %s on %s, %d intra-op thread(s) × %d at once (loaded and warmed up in %.0f ms)",
-            served.info.name,
-            served.info.version,
-            ",".join(served.providers),
-            settings.resolved_intra_op_threads(),
-            settings.max_concurrency,
-            (time.perf_counter() - started) * 1000.0,
-        )
-    try:
-        yield
-    finally:
-        app.state.ready = False
-        metrics.ready.set(0)
+    app.state.not_ready_reason = WARMING_UP
+    metrics.set_model(
+        served.info.name,
+        served.info.version,
+        served.providers,
+        served.requested_providers,
+        fallback=served.fallback,
+        ready=False,
+    )
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(_warm_up_then_ready, app, served, settings.warmup_runs, started)
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            app.state.not_ready_reason = "shutting down"
+            metrics.ready.set(0)
+            tasks.cancel_scope.cancel()
 
 
 class _OneLineStartupFailure:
@@ -226,6 +266,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.served = None
     app.state.ready = False
+    app.state.not_ready_reason = "the model is not loaded yet"
     app.state.startup_error = None
     install_error_handlers(app)
     app.include_router(segment.router)

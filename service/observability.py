@@ -76,11 +76,36 @@ class Metrics:
             "dermaseg_ready", "1 when the model is loaded, warmed up and ready.", registry=self.registry
         )
         self.model = Info(
-            "dermaseg_model", "The served model and the providers it runs on.", registry=self.registry
+            "dermaseg_model",
+            "The served model, the providers it runs on and those asked for.",
+            registry=self.registry,
+        )
+        self.provider_fallback = Gauge(
+            "dermaseg_provider_fallback",
+            "1 when the session does not run on the first provider asked for (e.g. cuda asked, CPU used).",
+            registry=self.registry,
         )
 
-    def set_model(self, name: str, version: str, providers: Sequence[str], ready: bool) -> None:
-        self.model.info({"name": name, "version": version, "providers": ",".join(providers)})
+    def set_model(
+        self,
+        name: str,
+        version: str,
+        providers: Sequence[str],
+        requested_providers: Sequence[str],
+        *,
+        fallback: bool,
+        ready: bool,
+    ) -> None:
+        self.model.info(
+            {
+                "name": name,
+                "version": version,
+                "providers": ",".join(providers),
+                "requested_providers": ",".join(requested_providers),
+                "fallback": "true" if fallback else "false",
+            }
+        )
+        self.provider_fallback.set(1 if fallback else 0)
         self.ready.set(1 if ready else 0)
 
 

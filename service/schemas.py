@@ -201,6 +201,7 @@ class ReadyResponse(BaseModel):
                     "model": _EXAMPLE_MODEL,
                     "providers": _EXAMPLE_PROVIDERS,
                     "requested_providers": ["cpu"],
+                    "fallback": False,
                     "reason": None,
                 },
                 {
@@ -208,6 +209,7 @@ class ReadyResponse(BaseModel):
                     "model": _EXAMPLE_MODEL,
                     "providers": _EXAMPLE_PROVIDERS,
                     "requested_providers": ["cuda"],
+                    "fallback": True,
                     "reason": "CUDAExecutionProvider was required but the session runs on "
                     "['CPUExecutionProvider']",
                 },
@@ -221,7 +223,13 @@ class ReadyResponse(BaseModel):
     requested_providers: list[str] = Field(
         default_factory=list, description="Providers asked for in settings."
     )
-    reason: str | None = Field(default=None, description="Why the service is not ready.")
+    fallback: bool = Field(
+        default=False,
+        description="The session does not run on the first provider asked for (e.g. cuda asked, CPU in use).",
+    )
+    reason: str | None = Field(
+        default=None, description="Why the service is not ready (e.g. warming up, a required provider)."
+    )
 
 
 class ModelCard(BaseModel):

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import csv
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from PIL import Image
 
 #: The real datasets (never copied into the repository): ``../shared/data`` beside the checkout.
@@ -150,3 +155,20 @@ def make_dataset(
 def synthetic_dataset(tmp_path: Path) -> Path:
     """A small normalized-layout dataset: 6 pairs of 64 x 64 in ``tmp_path / "synthetic"``."""
     return make_dataset(tmp_path / "synthetic", "normalized", n=6, size=64, seed=0)
+
+
+@contextmanager
+def serving(app: FastAPI, timeout_s: float = 60.0) -> Iterator[TestClient]:
+    """A TestClient of ``app`` once its start-up ran and its warm-up (in the background) is over.
+
+    The app may still be not ready for another reason (a required provider missing); tests check that.
+    """
+    from service.main import WARMING_UP
+
+    with TestClient(app) as client:
+        deadline = time.monotonic() + timeout_s
+        while app.state.not_ready_reason == WARMING_UP:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the app was still warming up after {timeout_s:.0f} s")
+            time.sleep(0.005)
+        yield client

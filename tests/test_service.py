@@ -25,7 +25,7 @@ from service.main import create_app
 from service.routes import segment as segment_route
 from service.routes.deps import InferenceLimiter
 from service.routes.segment import wants_png
-from tests.conftest import make_lesion
+from tests.conftest import make_lesion, serving
 from tests.onnx_models import TINY_CARD, TINY_NAME, TINY_VERSION, write_darkness_model
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -43,7 +43,7 @@ def make_settings(model_path: Path, **overrides: Any) -> Settings:
 
 @pytest.fixture
 def client(model_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(model_path))) as test_client:
+    with serving(create_app(make_settings(model_path))) as test_client:
         yield test_client
 
 
@@ -139,7 +139,7 @@ def test_model_card_prefers_a_sidecar_about_this_file(tmp_path: Path) -> None:
         ("{not json", "embedded"),
     ):
         sidecar.write_text(content if isinstance(content, str) else json.dumps(content))
-        with TestClient(create_app(make_settings(model))) as client:
+        with serving(create_app(make_settings(model))) as client:
             body = client.get("/v1/model").json()
         assert body["card_source"] == source
         assert body["card"] == (content if source == "sidecar" else TINY_CARD)
@@ -264,7 +264,7 @@ def test_png_compress_level_changes_bytes_not_pixels(model_path: Path) -> None:
     photo = lesion_photo((300, 400), seed=3)
     answers = {}
     for level in (0, 9):
-        with TestClient(create_app(make_settings(model_path, png_compress_level=level))) as client:
+        with serving(create_app(make_settings(model_path, png_compress_level=level))) as client:
             answers[level] = client.post("/segment", files=upload(photo)).json()
     for field in ("mask_png", "probability_png"):
         np.testing.assert_array_equal(png_array(answers[0][field]), png_array(answers[9][field]))
@@ -476,7 +476,7 @@ def test_upload_over_the_byte_limit_413_before_decoding(
     monkeypatch.setattr(segment_route, "decode_image", must_not_decode)
     photo = np.random.default_rng(0).integers(0, 255, (100, 100, 3), dtype=np.uint8)
     data = encode(photo, "BMP")  # 30 kB
-    with TestClient(create_app(make_settings(model_path, max_upload_bytes=10_000))) as client:
+    with serving(create_app(make_settings(model_path, max_upload_bytes=10_000))) as client:
         response = client.post("/segment", files=upload(data, "a.bmp", "image/bmp"))
         assert response.status_code == 413
         assert error_code(response) == "payload_too_large"
@@ -496,7 +496,7 @@ def test_upload_over_the_byte_limit_413_before_decoding(
 
 
 def test_image_over_the_pixel_limit_413(model_path: Path) -> None:
-    with TestClient(create_app(make_settings(model_path, max_pixels=10_000))) as client:
+    with serving(create_app(make_settings(model_path, max_pixels=10_000))) as client:
         response = client.post("/segment", files=upload(lesion_photo((120, 100))))  # 12 000 pixels
         assert response.status_code == 413
         assert error_code(response) == "image_too_large"
@@ -542,7 +542,7 @@ def test_unknown_route_and_method_use_the_error_shape(client: TestClient) -> Non
 
 def test_overloaded_503_with_retry_after(model_path: Path) -> None:
     settings = make_settings(model_path, max_concurrency=1, max_queued=0, retry_after_s=7)
-    with TestClient(create_app(settings)) as client:
+    with serving(create_app(settings)) as client:
         limiter: InferenceLimiter = client.app.state.limiter  # type: ignore[attr-defined]
         client.portal.call(limiter.acquire)  # type: ignore[union-attr]  # a request holding the only slot
         try:
@@ -557,7 +557,7 @@ def test_overloaded_503_with_retry_after(model_path: Path) -> None:
 
 def test_requests_wait_in_a_bounded_queue(model_path: Path) -> None:
     settings = make_settings(model_path, max_concurrency=1, max_queued=1)
-    with TestClient(create_app(settings)) as client:
+    with serving(create_app(settings)) as client:
         limiter: InferenceLimiter = client.app.state.limiter  # type: ignore[attr-defined]
         client.portal.call(limiter.acquire)  # type: ignore[union-attr]
         queued: dict[str, int] = {}
@@ -587,7 +587,7 @@ def test_requests_wait_in_a_bounded_queue(model_path: Path) -> None:
 
 
 def test_api_keys(model_path: Path) -> None:
-    with TestClient(create_app(make_settings(model_path, api_keys=["first-key", "second-key"]))) as client:
+    with serving(create_app(make_settings(model_path, api_keys=["first-key", "second-key"]))) as client:
         photo = lesion_photo()
         missing = client.post("/segment", files=upload(photo))
         assert missing.status_code == 401
@@ -615,18 +615,21 @@ def test_no_keys_no_auth(client: TestClient) -> None:
 def test_cors(model_path: Path, client: TestClient) -> None:
     preflight = {"Origin": "https://clinic.example", "Access-Control-Request-Method": "POST"}
     assert "access-control-allow-origin" not in client.options("/segment", headers=preflight).headers
-    with TestClient(create_app(make_settings(model_path, cors_origins=["https://clinic.example"]))) as cors:
+    with serving(create_app(make_settings(model_path, cors_origins=["https://clinic.example"]))) as cors:
         response = cors.options("/segment", headers=preflight)
         assert response.status_code == 200
         assert response.headers["access-control-allow-origin"] == "https://clinic.example"
 
 
-def test_docs_switch(model_path: Path, client: TestClient) -> None:
-    assert client.get("/docs").status_code == 200
-    assert client.get("/openapi.json").json()["paths"].keys() >= {"/segment", "/v1/model"}
-    with TestClient(create_app(make_settings(model_path, docs=False))) as closed:
-        assert closed.get("/docs").status_code == 404
-        assert closed.get("/openapi.json").status_code == 404
+def test_docs_are_off_unless_configured(model_path: Path, client: TestClient) -> None:
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert error_code(response) == "not_found"
+    with serving(create_app(make_settings(model_path, docs=True))) as documented:
+        assert documented.get("/docs").status_code == 200
+        assert documented.get("/redoc").status_code == 200
+        assert documented.get("/openapi.json").json()["paths"].keys() >= {"/segment", "/v1/model"}
 
 
 # --- uploads never touch the disk --------------------------------------------------------------------

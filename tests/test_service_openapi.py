@@ -44,7 +44,7 @@ def test_operation_ids_are_stable() -> None:
 def test_errors_are_declared_with_the_common_shape() -> None:
     spec = build_openapi()
     segment = spec["paths"]["/segment"]["post"]
-    assert set(segment["responses"]) == {"200", "400", "401", "413", "415", "422", "500", "503"}
+    assert set(segment["responses"]) == {"200", "400", "401", "408", "413", "415", "422", "500", "503"}
     for status, response in segment["responses"].items():
         if status != "200":
             schema = response["content"]["application/json"]["schema"]

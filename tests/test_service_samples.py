@@ -20,6 +20,7 @@ from PIL import Image
 from service.config import DEFAULT_MODEL_PATH, Settings
 from service.imaging import load_mask
 from service.main import create_app
+from tests.conftest import serving
 from tests.onnx_models import write_darkness_model
 
 pytestmark = pytest.mark.realdata
@@ -43,7 +44,7 @@ def samples(shared_data: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     model = write_darkness_model(tmp_path_factory.mktemp("model") / "tiny.onnx")
-    with TestClient(create_app(Settings(model_path=model))) as client:
+    with serving(create_app(Settings(model_path=model))) as client:
         yield client
 
 
@@ -76,7 +77,7 @@ def test_shipped_model_matches_the_experts(samples: Path) -> None:
     if not DEFAULT_MODEL_PATH.is_file():
         pytest.skip(f"no shipped model at {DEFAULT_MODEL_PATH} yet (a partial checkout?)")
     scores = {}
-    with TestClient(create_app(Settings(model_path=DEFAULT_MODEL_PATH))) as client:
+    with serving(create_app(Settings(model_path=DEFAULT_MODEL_PATH))) as client:
         for row in read_manifest(samples):
             photo = samples / row["file"]
             response = client.post("/segment?format=png", files={"file": (photo.name, photo.read_bytes())})

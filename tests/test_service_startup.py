@@ -28,6 +28,7 @@ from service.inference import ModelLoadError
 from service.main import create_app
 from service.observability import Metrics
 from service.routes.deps import InferenceLimiter
+from tests.conftest import serving
 from tests.onnx_models import write_darkness_model, write_not_a_dermaseg_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def test_invalid_settings_exit_2() -> None:
 )
 def test_cuda_required_but_not_in_use_is_not_ready(model_path: Path) -> None:
     settings = Settings(model_path=model_path, providers=["cuda"], require_providers=True)
-    with TestClient(create_app(settings)) as client:
+    with serving(create_app(settings)) as client:
         assert client.get("/health/live").status_code == 200
         ready = client.get("/health/ready")
         assert ready.status_code == 503
@@ -148,7 +149,7 @@ def test_cuda_required_but_not_in_use_is_not_ready(model_path: Path) -> None:
 
 def test_cuda_wanted_but_not_required_falls_back_to_cpu(model_path: Path) -> None:
     settings = Settings(model_path=model_path, providers=["cuda", "cpu"])
-    with TestClient(create_app(settings)) as client:
+    with serving(create_app(settings)) as client:
         body = client.get("/health/ready").json()
         assert body["status"] == "ready"
         assert "CPUExecutionProvider" in body["providers"]
@@ -170,7 +171,8 @@ def test_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_pixels == 50_000_000
     assert settings.api_keys == []
     assert settings.cors_origins == []
-    assert settings.docs is True
+    assert settings.docs is False
+    assert settings.upload_timeout_s == 30.0
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
 
 
@@ -252,14 +254,14 @@ def test_the_service_never_imports_tensorflow(model_path: Path) -> None:
         import io, sys
         import numpy as np
         from PIL import Image
-        from fastapi.testclient import TestClient
+        from tests.conftest import serving
         import service.openapi
         from service.config import Settings
         from service.main import create_app
 
         buffer = io.BytesIO()
         Image.fromarray(np.full((50, 60, 3), 90, np.uint8)).save(buffer, format="PNG")
-        with TestClient(create_app(Settings(model_path={str(model_path)!r}))) as client:
+        with serving(create_app(Settings(model_path={str(model_path)!r}))) as client:
             response = client.post("/segment", files={{"file": ("a.png", buffer.getvalue(), "image/png")}})
             assert response.status_code == 200, response.text
         heavy = {"tensorflow", "keras", "tf2onnx"}

@@ -33,6 +33,7 @@ class ServedModel:
         requested_providers: the providers the settings asked for.
         sha256: of the ONNX file.
         not_ready_reason: why the model must not serve (a required provider is not in use), or None.
+        fallback: the session does not run on the first provider asked for (e.g. cuda asked, CPU used).
         card: the model card: the sidecar ``NAME.json`` when it describes this very file (it gathers the
             evaluations made after the export), else the card embedded in the ONNX metadata.
         card_source: ``sidecar`` or ``embedded``.
@@ -44,6 +45,7 @@ class ServedModel:
     requested_providers: list[str]
     sha256: str
     not_ready_reason: str | None = None
+    fallback: bool = False
     card: dict[str, Any] = field(default_factory=dict)
     card_source: str = "embedded"
 
@@ -125,7 +127,7 @@ def get_served_model(
         raise ServiceError(
             503,
             "not_ready",
-            served.not_ready_reason or "the model is not ready",
+            request.app.state.not_ready_reason or "the model is not ready",
             headers={"Retry-After": "5"},
         )
     return served

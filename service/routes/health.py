@@ -26,7 +26,8 @@ async def live() -> LiveResponse:
     responses={
         503: {
             "model": ReadyResponse,
-            "description": "Not ready: still starting, or a required provider is not in use.",
+            "description": "Not ready: loading, warming up, shutting down, or a required provider is "
+            "not in use.",
         }
     },
 )
@@ -39,6 +40,7 @@ async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
         model=ModelRef(name=served.info.name, version=served.info.version) if served else None,
         providers=served.providers if served else [],
         requested_providers=list(settings.providers),
-        reason=None if is_ready else (served.not_ready_reason if served else "the model is not loaded yet"),
+        fallback=served.fallback if served else False,
+        reason=None if is_ready else str(request.app.state.not_ready_reason or "not ready"),
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if is_ready else 503)

@@ -88,9 +88,10 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     400: _error("undecodable_image: the bytes are not a readable image; malformed_request: bad multipart."),
     401: _error("unauthorized: API keys are configured and none valid was given."),
+    408: _error("request_timeout: the upload did not arrive within the time allowed."),
     413: _error("payload_too_large: over the byte limit; image_too_large: over the pixel limit."),
     415: _error("unsupported_media_type: not JPEG, PNG, BMP or TIFF, or the request is not multipart."),
-    422: _error("validation_error: the file field is missing or an option is out of range."),
+    422: _error("validation_error: the file field is missing or given twice, or an option is out of range."),
     500: _error("internal_error: an unexpected failure (details are in the server log only)."),
     503: _error(
         "overloaded (with Retry-After): too many requests waiting; not_ready: the model is not ready."
@@ -256,7 +257,9 @@ async def segment(
     """
     state = request_state(request.scope)
     started = float(state.get("started_at", time.perf_counter()))
-    upload = await read_upload(request, FILE_FIELD, settings.max_upload_bytes, OPTION_FIELDS)
+    upload = await read_upload(
+        request, FILE_FIELD, settings.max_upload_bytes, OPTION_FIELDS, timeout_s=settings.upload_timeout_s
+    )
     params = _with_form_fields(query, upload.fields)
     png_only = wants_png(params.response_format, request.headers.get("accept"))
     wanted = {name for name in params.outputs.split(",") if name}

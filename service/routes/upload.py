@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import anyio
 from fastapi import Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -88,9 +89,13 @@ class _InMemoryMultipart:
 
     def _on_headers_finished(self) -> None:
         _, options = parse_options_header(self._part.headers.get(b"content-disposition", b""))
-        # The first part with the wanted name wins; later duplicates are skipped, not buffered.
         name = options.get(b"name")
-        self._keep = name == self.wanted and self.found is None
+        if name == self.wanted and self.found is not None:
+            # Which of two photos to segment is not ours to guess.
+            raise ServiceError(
+                422, "validation_error", f"{self.wanted.decode()}: one photo per request (got several)"
+            )
+        self._keep = name == self.wanted
         self._text = None
         if self._keep:
             self.found = self._part
@@ -113,16 +118,23 @@ class _InMemoryMultipart:
 
 
 async def read_upload(
-    request: Request, field_name: str, max_bytes: int, text_fields: frozenset[str] = frozenset()
+    request: Request,
+    field_name: str,
+    max_bytes: int,
+    text_fields: frozenset[str] = frozenset(),
+    timeout_s: float | None = None,
 ) -> Upload:
     """Reads the body of a ``multipart/form-data`` request and returns the part called ``field_name``.
 
     Text parts named in ``text_fields`` are kept too (the first of each name, at most
     :data:`MAX_FIELD_BYTES`); every other part is skipped without being buffered.
 
+    The whole body must arrive within ``timeout_s``: a slow or stalled upload would otherwise hold its
+    connection (and its buffered bytes) for as long as the client likes.
+
     Raises:
-        ServiceError: 415 (not multipart), 413 ``payload_too_large``, 400 ``malformed_request``, or 422
-            ``validation_error`` when the field is missing.
+        ServiceError: 415 (not multipart), 413 ``payload_too_large``, 400 ``malformed_request``, 408
+            ``request_timeout``, or 422 ``validation_error`` when the field is missing or given twice.
     """
     media_type, options = parse_options_header(request.headers.get("content-type"))
     if media_type != b"multipart/form-data":
@@ -144,13 +156,21 @@ async def read_upload(
         raise ServiceError(400, "malformed_request", f"bad multipart boundary: {error}") from None
     received = 0
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > max_bytes:
-                raise _too_large(max_bytes)
-            if chunk:
-                form.parser.write(chunk)
+        with anyio.fail_after(timeout_s):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > max_bytes:
+                    raise _too_large(max_bytes)
+                if chunk:
+                    form.parser.write(chunk)
         form.parser.finalize()
+    except TimeoutError:
+        raise ServiceError(
+            408,
+            "request_timeout",
+            f"the upload did not arrive within {timeout_s:g} s ({received} bytes received)",
+            headers={"Connection": "close"},
+        ) from None
     except FormParserError as error:
         raise ServiceError(400, "malformed_request", f"malformed multipart body: {error}") from None
     except ClientDisconnect:
