@@ -36,7 +36,7 @@ from service.inference import (
     resolve_providers,
     sha256_file,
 )
-from service.observability import Metrics, RequestMiddleware, configure_logging
+from service.observability import Metrics, RequestMiddleware, configure_logging, silence_payload_loggers
 from service.routes import health, model, segment
 from service.routes import metrics as metrics_routes
 from service.routes.deps import InferenceLimiter, ServedModel
@@ -247,6 +247,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings: defaults to ``Settings()``, i.e. the ``DERMASEG_*`` environment.
     """
     settings = settings if settings is not None else Settings()
+    silence_payload_loggers()
     metrics = Metrics()
     app = FastAPI(
         title="DermaSeg",

@@ -189,6 +189,21 @@ class RequestMiddleware:
             access_logger.log(level, json.dumps(record, separators=(",", ":")))
 
 
+#: Libraries that log what they parse at DEBUG: Pillow logs every EXIF tag of a photo it opens (names,
+#: dates, comments), the multipart parser logs the parts. Uploads must never reach the log, so these stay at
+#: WARNING whatever the service's own level.
+PAYLOAD_LOGGERS = ("PIL", "python_multipart", "multipart")
+
+
+def silence_payload_loggers() -> None:
+    """Keeps the loggers that would write parts of an upload at WARNING or above."""
+    for name in PAYLOAD_LOGGERS:
+        library = logging.getLogger(name)
+        if library.getEffectiveLevel() < logging.WARNING:
+            library.setLevel(logging.WARNING)
+
+
 def configure_logging(level: str) -> None:
     """One-line logs on stderr for the service and uvicorn (uvicorn's access log is replaced by ours)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
+    silence_payload_loggers()
