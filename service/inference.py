@@ -288,6 +288,8 @@ class OnnxModel:
         import onnxruntime as ort
 
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ModelLoadError(f"model path is a folder, not an ONNX file: {self.path}")
         if not self.path.is_file():
             raise ModelLoadError(f"model file not found: {self.path}")
         wanted = resolve_providers(providers)

@@ -137,6 +137,7 @@ def test_cuda_required_but_not_in_use_is_not_ready(model_path: Path) -> None:
         assert body["status"] == "not_ready"
         assert body["providers"] == ["CPUExecutionProvider"]
         assert body["requested_providers"] == ["cuda"]
+        assert body["fallback"] is True
         assert "CUDAExecutionProvider was required" in body["reason"]
         refused = client.post("/segment", files={"file": ("a.png", b"\x89PNG", "image/png")})
         assert refused.status_code == 503
@@ -145,15 +146,32 @@ def test_cuda_required_but_not_in_use_is_not_ready(model_path: Path) -> None:
         assert client.get("/v1/model").json()["providers"] == ["CPUExecutionProvider"]
         metrics = client.get("/metrics").text
         assert "dermaseg_ready 0.0" in metrics
+        assert "dermaseg_provider_fallback 1.0" in metrics
+        assert 'fallback="true"' in metrics and 'requested_providers="cuda"' in metrics
 
 
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in onnxruntime.get_available_providers(), reason="CUDA is available here"
+)
 def test_cuda_wanted_but_not_required_falls_back_to_cpu(model_path: Path) -> None:
     settings = Settings(model_path=model_path, providers=["cuda", "cpu"])
     with serving(create_app(settings)) as client:
         body = client.get("/health/ready").json()
         assert body["status"] == "ready"
-        assert "CPUExecutionProvider" in body["providers"]
+        assert body["providers"] == ["CPUExecutionProvider"]
         assert body["requested_providers"] == ["cuda", "cpu"]
+        assert body["fallback"] is True
+        metrics = client.get("/metrics").text
+        assert "dermaseg_ready 1.0" in metrics
+        assert "dermaseg_provider_fallback 1.0" in metrics
+        assert 'providers="CPUExecutionProvider"' in metrics and 'fallback="true"' in metrics
+        assert client.post("/segment", files={"file": ("a.png", _gray_png(), "image/png")}).status_code == 200
+
+
+def test_cpu_asked_for_is_no_fallback(model_path: Path) -> None:
+    with serving(create_app(Settings(model_path=model_path))) as client:
+        assert client.get("/health/ready").json()["fallback"] is False
+        assert "dermaseg_provider_fallback 0.0" in client.get("/metrics").text
 
 
 # --- settings --------------------------------------------------------------------------------------

@@ -1,0 +1,321 @@
+"""The service as it runs in production (``python -m service.main`` in its own process, on loopback):
+readiness during warm-up, SIGTERM with requests in flight, stalled uploads, and start-up failures.
+
+These need a real server and real sockets: what uvicorn does with its listening socket, signals and slow
+clients cannot be seen through a TestClient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.bad_inputs import BOUNDARY, MULTIPART, encode, lesion, multipart, photo_part
+from tests.onnx_models import write_darkness_model, write_not_a_dermaseg_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class LiveService:
+    """``python -m service.main`` on a free loopback port, its log in a file."""
+
+    def __init__(self, model: Path, log: Path, **settings: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DERMASEG_") and k != "PORT"}
+        env.update({"DERMASEG_MODEL_PATH": str(model), "DERMASEG_LOG_LEVEL": "INFO"})
+        env.update({f"DERMASEG_{key.upper()}": value for key, value in settings.items()})
+        with log.open("wb") as stream:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.main", "--port", str(self.port)],
+                cwd=REPO,
+                env=env,
+                stdout=stream,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_listening(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.process.poll() is None, self.log_text()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                assert time.monotonic() < deadline, f"not listening after {timeout_s} s: {self.log_text()}"
+                time.sleep(0.02)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        self.wait_listening(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while httpx.get(f"{self.url}/health/ready", timeout=5).status_code != 200:
+            assert self.process.poll() is None, self.log_text()
+            assert time.monotonic() < deadline, self.log_text()
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[type[LiveService]]:
+    started: list[LiveService] = []
+
+    class Tracked(LiveService):
+        def __init__(self, model: Path, **settings: str) -> None:
+            super().__init__(model, tmp_path / f"service-{len(started)}.log", **settings)
+            started.append(self)
+
+    yield Tracked
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_darkness_model(tmp_path_factory.mktemp("model") / "tiny.onnx")
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} in the metrics")
+
+
+# --- readiness -------------------------------------------------------------------------------------
+
+
+def test_ready_is_503_until_the_warm_up_ends(live: type[LiveService], tmp_path: Path) -> None:
+    # A 1024 × 1024 input makes each warm-up run take milliseconds: long enough to watch it.
+    model = write_darkness_model(tmp_path / "slow.onnx", input_size=(1024, 1024))
+    service = live(model, warmup_runs="150")
+    service.wait_listening()
+    seen_warming = False
+    deadline = time.monotonic() + 120
+    with httpx.Client(base_url=service.url, timeout=10) as client:
+        while True:
+            ready = client.get("/health/ready")
+            if ready.status_code == 200:
+                break
+            assert ready.status_code == 503
+            assert ready.json()["status"] == "not_ready"
+            assert ready.json()["reason"] == "warming up"
+            seen_warming = True
+            assert client.get("/health/live").status_code == 200
+            refused = client.post("/segment", files={"file": ("a.png", encode(lesion(), "PNG"), "image/png")})
+            if refused.status_code == 503:  # (the warm-up may end between the two probes)
+                assert refused.json()["error"]["code"] == "not_ready"
+                assert refused.headers["retry-after"]
+                assert _metric(client.get("/metrics").text, "dermaseg_ready") == 0.0
+            assert time.monotonic() < deadline, service.log_text()
+            time.sleep(0.05)
+        assert seen_warming, "the server never answered while warming up"
+        assert _metric(client.get("/metrics").text, "dermaseg_ready") == 1.0
+        assert client.post(
+            "/segment", files={"file": ("a.png", encode(lesion(), "PNG"), "image/png")}
+        ).is_success
+
+
+# --- SIGTERM -----------------------------------------------------------------------------------------
+
+
+def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_cleanly(
+    live: type[LiveService], tiny_model: Path
+) -> None:
+    service = live(tiny_model, max_concurrency="1", max_queued="16")
+    service.wait_ready()
+    # Big photos: decoding, resizing back and encoding 6 MP takes a while, one at a time.
+    photo = encode(lesion((2000, 3000), seed=5), "JPEG", quality=90)
+    body = multipart(photo_part(photo))
+    in_flight = 8
+    answers: list[httpx.Response | Exception] = []
+    finished_at: list[float] = []
+
+    def client() -> None:
+        try:
+            response = httpx.post(
+                f"{service.url}/segment?outputs=mask",
+                content=body,
+                headers={"Content-Type": MULTIPART},
+                timeout=60,
+            )
+            answers.append(response)
+        except Exception as error:  # recorded, asserted below
+            answers.append(error)
+        finished_at.append(time.monotonic())
+
+    threads = [threading.Thread(target=client) for _ in range(in_flight)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while True:  # every request is in the service: running or waiting for the one slot
+        metrics = httpx.get(f"{service.url}/metrics", timeout=5).text
+        held = _metric(metrics, "dermaseg_segmentations_running")
+        held += _metric(metrics, "dermaseg_segmentations_waiting")
+        if held == in_flight:
+            break
+        assert time.monotonic() < deadline, f"only {held} of {in_flight} requests arrived"
+        time.sleep(0.01)
+
+    service.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    refused_at = None
+    while refused_at is None and time.monotonic() - signalled < 10:
+        try:
+            with socket.create_connection(("127.0.0.1", service.port), timeout=1):
+                time.sleep(0.01)
+        except ConnectionRefusedError:
+            refused_at = time.monotonic()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert refused_at is not None, "new connections were still accepted 10 s after SIGTERM"
+    assert refused_at < max(finished_at), "new connections were refused only after the work was done"
+    for answer in answers:
+        assert isinstance(answer, httpx.Response), repr(answer)
+        assert answer.status_code == 200, answer.text[:200]
+        assert answer.json()["image"] == {"width": 3000, "height": 2000}
+    assert len(answers) == in_flight
+    # uvicorn drains, shuts the app down, then re-raises the signal on purpose, so that whoever started it
+    # sees how it ended: -15 here, 143 in a shell or a container. Nothing was cut short.
+    assert service.process.wait(timeout=30) in (0, -signal.SIGTERM), service.log_text()
+    log = service.log_text()
+    assert "Traceback" not in log
+    assert "ERROR" not in log
+    assert "Application shutdown complete" in log
+    assert "Finished server process" in log
+
+
+# --- slow clients ------------------------------------------------------------------------------------
+
+
+def _raw_request(port: int, head_body: bytes, drip: bytes = b"", every_s: float = 0.0) -> tuple[bytes, float]:
+    """Sends ``head_body``, then ``drip`` a byte every ``every_s``; returns what came back and when."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
+        connection.sendall(head_body)
+        received = b""
+        connection.settimeout(every_s or 20)
+        for byte in drip:
+            try:
+                chunk = connection.recv(65536)
+            except TimeoutError:
+                chunk = None
+            if chunk is not None:
+                received += chunk
+                break
+            try:
+                connection.sendall(bytes([byte]))
+            except OSError:
+                break
+        connection.settimeout(20)
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received, time.monotonic() - started
+
+
+@pytest.mark.parametrize("how", ["stalled", "dripping"])
+def test_a_slow_or_stalled_upload_is_cut_off(live: type[LiveService], tiny_model: Path, how: str) -> None:
+    service = live(tiny_model, upload_timeout_s="1")
+    service.wait_ready()
+    body = multipart(photo_part(encode(lesion(), "PNG")))
+    head = (
+        f"POST /segment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {MULTIPART}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    if how == "stalled":  # a third of the body, then nothing
+        answer, elapsed = _raw_request(service.port, head + body[: len(body) // 3])
+    else:  # a byte every 0.2 s: alive, but the whole body would take hours
+        answer, elapsed = _raw_request(service.port, head + body[:100], drip=body[100:], every_s=0.2)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 408 Request Timeout", answer[:300]
+    headers, _, payload = rest.partition(b"\r\n\r\n")
+    assert b"connection: close" in headers.lower()
+    assert json.loads(payload)["error"]["code"] == "request_timeout"
+    assert 0.9 < elapsed < 10  # cut at the 1 s limit, and the connection closed (recv saw the end)
+    # The service is unharmed.
+    good = httpx.post(f"{service.url}/segment", content=body, headers={"Content-Type": MULTIPART}, timeout=30)
+    assert good.status_code == 200
+    assert BOUNDARY not in service.log_text()
+
+
+# --- start-up failures -------------------------------------------------------------------------------
+
+
+def _truncated(folder: Path) -> Path:
+    whole = write_darkness_model(folder / "whole.onnx").read_bytes()
+    path = folder / "truncated.onnx"
+    path.write_bytes(whole[: len(whole) // 2])
+    return path
+
+
+def _empty(folder: Path) -> Path:
+    path = folder / "empty.onnx"
+    path.write_bytes(b"")
+    return path
+
+
+def _text(folder: Path) -> Path:
+    path = folder / "model.onnx"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 56000000\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda folder: folder / "missing.onnx", "model file not found"),
+        (_empty, "cannot load model"),
+        (_truncated, "cannot load model"),
+        (_text, "cannot load model"),
+        (lambda folder: write_not_a_dermaseg_model(folder / "vector.onnx"), "is not a DermaSeg model"),
+        (lambda folder: folder, "model path is a folder"),
+    ],
+    ids=["missing", "empty", "truncated", "git-lfs pointer", "not DermaSeg's", "a folder"],
+)
+def test_a_bad_model_file_stops_the_service_with_one_clear_line(
+    tmp_path: Path, make: object, message: str
+) -> None:
+    path = make(tmp_path)  # type: ignore[operator]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DERMASEG_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "service.main", "--model", str(path), "--port", str(_free_port())],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "cannot start DermaSeg" in line]
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
