@@ -7,7 +7,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-fast lint openapi bench reproduce release-eval report smoke clean
+.PHONY: help serve test test-fast lint openapi bench load reproduce release-eval report smoke clean
 
 help: ## list the tasks
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ BENCH_OPTS ?= --threads 0,1 --spinning default,off --service defaults: \
   --service ort-threads:intra_op_threads=0 \
   --service before:intra_op_threads=0,png_compress_level=6,http=h11,loop=asyncio \
   --service mask-only:query=outputs=mask
+
+load: $(BIN)/.dev-deps ## the load run: 2,000 good and bad requests at concurrency 16, then a burst (runs/load.json)
+	$(BIN)/python -m tests.load_run --out runs/load.json $(LOAD_OPTS)
 
 bench: $(BIN)/.dev-deps ## run the performance benchmark, writes docs/performance.md (on a quiet machine)
 	$(BIN)/python -m bench $(BENCH_OPTS) $(BENCH_EXTRA)
