@@ -30,6 +30,18 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+#: Environment ONNX Runtime reads when it loads, set (unless the operator set them) before its first import.
+#: Its Linux wheels carry Microsoft's 1DS telemetry, on by default, which writes a session file into $TMPDIR
+#: as the library loads: a service that handles patients' photos sends nothing it was not told to.
+ONNXRUNTIME_ENVIRONMENT = {"ORT_DISABLE_TELEMETRY": "1"}
+
+
+def set_onnxruntime_environment() -> None:
+    """Sets :data:`ONNXRUNTIME_ENVIRONMENT`'s variables that the environment does not already have."""
+    for name, value in ONNXRUNTIME_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
 #: Names that stand for several providers: the GPU image sets DERMASEG_PROVIDERS=gpu (its FLAVOR).
 PROVIDER_SHORTHANDS = {"gpu": ["cuda", "cpu"]}
 

@@ -12,11 +12,13 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
+from service.config import set_onnxruntime_environment
 from service.imaging import resize_image, resize_probability
 
 logger = logging.getLogger(__name__)
@@ -216,6 +218,14 @@ class Segmenter:
         return results
 
 
+def import_onnxruntime() -> ModuleType:
+    """``import onnxruntime`` with its telemetry off (``service.config.ONNXRUNTIME_ENVIRONMENT``)."""
+    set_onnxruntime_environment()
+    import onnxruntime
+
+    return onnxruntime
+
+
 def resolve_providers(requested: Sequence[str]) -> list[str]:
     """Maps short names (``cpu``, ``cuda``) to ONNX Runtime provider names, keeping order."""
     return [PROVIDER_ALIASES.get(name.lower(), name) for name in requested]
@@ -285,7 +295,7 @@ class OnnxModel:
         inter_op_threads: int = 0,
         thread_spinning: bool | None = None,
     ) -> None:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         self.path = Path(path)
         if self.path.is_dir():

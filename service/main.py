@@ -32,6 +32,7 @@ from service.inference import (
     ModelLoadError,
     OnnxModel,
     Segmenter,
+    import_onnxruntime,
     load_card,
     resolve_providers,
     sha256_file,
@@ -75,8 +76,7 @@ def _preload_cuda_libraries(providers: Sequence[str]) -> None:
     """
     if "CUDAExecutionProvider" not in resolve_providers(providers):
         return
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     preload = getattr(ort, "preload_dlls", None)
     if preload is None or "CUDAExecutionProvider" not in ort.get_available_providers():
         return

@@ -95,7 +95,11 @@ def test_compose_cpu_service(compose: dict[str, Any]) -> None:
     service = compose["services"]["dermaseg"]
     assert "profiles" not in service
     assert service["build"] == {"context": ".", "args": {"FLAVOR": "cpu"}}
-    assert "8000:8000" in service["ports"]
+    assert service["ports"] == ["127.0.0.1:8000:8000"]  # loopback only: the TLS proxy is the way in
+    assert service["read_only"] is True
+    assert service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert service["stop_grace_period"] == "15s"
     assert "./models:/app/models:ro" in service["volumes"]
     assert service["environment"]["PORT"] == "8000"
     assert service["environment"]["DERMASEG_MODEL_PATH"] == "/app/models/dermaseg.onnx"
@@ -117,7 +121,7 @@ def test_compose_gpu_profile(compose: dict[str, Any]) -> None:
     assert "./models:/app/models:ro" in service["volumes"]
     assert "/health/ready" in " ".join(service["healthcheck"]["test"])
     host_ports = {
-        port.split(":")[0]
+        port.split(":")[-2]
         for name in ("dermaseg", "dermaseg-gpu")
         for port in compose["services"][name]["ports"]
     }

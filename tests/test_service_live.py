@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.bad_inputs import BOUNDARY, MULTIPART, encode, lesion, multipart, photo_part
@@ -36,18 +37,22 @@ def _free_port() -> int:
 class LiveService:
     """``python -m service.main`` on a free loopback port, its log in a file."""
 
-    def __init__(self, model: Path, log: Path, **settings: str) -> None:
+    def __init__(self, model: Path, log: Path, env: dict[str, str] | None = None, **settings: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DERMASEG_") and k != "PORT"}
-        env.update({"DERMASEG_MODEL_PATH": str(model), "DERMASEG_LOG_LEVEL": "INFO"})
-        env.update({f"DERMASEG_{key.upper()}": value for key, value in settings.items()})
+        # Nothing inherited that the service should set itself (ORT_DISABLE_TELEMETRY) or read (DERMASEG_*).
+        environment = {
+            k: v for k, v in os.environ.items() if not k.startswith(("DERMASEG_", "ORT_")) and k != "PORT"
+        }
+        environment.update(env or {})
+        environment.update({"DERMASEG_MODEL_PATH": str(model), "DERMASEG_LOG_LEVEL": "INFO"})
+        environment.update({f"DERMASEG_{key.upper()}": value for key, value in settings.items()})
         with log.open("wb") as stream:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "service.main", "--port", str(self.port)],
                 cwd=REPO,
-                env=env,
+                env=environment,
                 stdout=stream,
                 stderr=subprocess.STDOUT,
             )
@@ -89,8 +94,8 @@ def live(tmp_path: Path) -> Iterator[type[LiveService]]:
     started: list[LiveService] = []
 
     class Tracked(LiveService):
-        def __init__(self, model: Path, **settings: str) -> None:
-            super().__init__(model, tmp_path / f"service-{len(started)}.log", **settings)
+        def __init__(self, model: Path, env: dict[str, str] | None = None, **settings: str) -> None:
+            super().__init__(model, tmp_path / f"service-{len(started)}.log", env, **settings)
             started.append(self)
 
     yield Tracked
@@ -319,3 +324,51 @@ def test_a_bad_model_file_stops_the_service_with_one_clear_line(
     assert len(lines) == 1, result.stderr
     assert message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+# --- uploads never touch the disk --------------------------------------------------------------------
+
+
+def _open_files(pid: int) -> set[str]:
+    """The regular files ``pid`` has open (what its /proc/PID/fd links point to)."""
+    found = set()
+    for link in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(link)
+        except OSError:
+            continue
+        if target.startswith("/") and Path(target).is_file():
+            found.add(target)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+def test_a_large_upload_in_progress_opens_no_file(
+    live: type[LiveService], tiny_model: Path, tmp_path: Path
+) -> None:
+    temp = tmp_path / "service-tmp"
+    temp.mkdir()
+    service = live(tiny_model, env={"TMPDIR": str(temp)}, max_upload_bytes=str(32 * 1024 * 1024))
+    service.wait_ready()
+    before = _open_files(service.process.pid)
+    photo = encode(np.random.default_rng(3).integers(0, 255, (2300, 2300, 3), dtype=np.uint8), "BMP")
+    body = multipart(photo_part(photo, b"big.bmp", "image/bmp"))
+    assert len(body) > 15_000_000
+    head = (
+        f"POST /segment?outputs=mask HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {MULTIPART}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", service.port), timeout=60) as connection:
+        connection.sendall(head + body[: len(body) * 2 // 3])
+        time.sleep(0.5)  # two thirds of a 16 MB upload are in the service, the rest not yet sent
+        during = _open_files(service.process.pid)
+        connection.sendall(body[len(body) * 2 // 3 :])
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = connection.recv(1 << 20)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert during <= before, f"files opened during the upload: {during - before}"
+    assert list(temp.iterdir()) == []  # ONNX Runtime's telemetry would have left a .ses file here
