@@ -50,6 +50,17 @@ OUTPUT_NAMES = ("mask", "probability")
 #: Form fields read as options (by their wire names).
 OPTION_FIELDS = frozenset(field.alias or name for name, field in SegmentParams.model_fields.items())
 
+
+def _form_field_schema(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """An option's schema as a form field: its query parameter's, without the null branch and default."""
+    branches = [branch for branch in schema.get("anyOf", [schema]) if branch.get("type") != "null"]
+    (value,) = branches
+    kept = {key: item for key, item in value.items() if key not in ("default", "title")}
+    return {**kept, "description": f"Instead of the query parameter {name}: {schema.get('description', '')}"}
+
+
+_PARAM_SCHEMAS: dict[str, Any] = SegmentParams.model_json_schema(by_alias=True)["properties"]
+
 _REQUEST_BODY: dict[str, Any] = {
     "required": True,
     "content": {
@@ -63,13 +74,7 @@ _REQUEST_BODY: dict[str, Any] = {
                         "format": "binary",
                         "description": "The photo: JPEG, PNG, BMP or TIFF (EXIF orientation is applied).",
                     },
-                    **{
-                        (field.alias or name): {
-                            "type": "string",
-                            "description": f"Instead of the query parameter: {field.description}",
-                        }
-                        for name, field in SegmentParams.model_fields.items()
-                    },
+                    **{name: _form_field_schema(name, schema) for name, schema in _PARAM_SCHEMAS.items()},
                 },
             }
         }
