@@ -92,11 +92,18 @@ report: $(BIN)/.dev-deps ## write docs/results.md from the run directories in ru
 
 SMOKE_PHOTO ?= $(DATA)/samples/images/ISIC_0009995.jpg
 
+# The probes: ready; a real photo segmented (JSON and PNG); a text file refused with 400; the docs pages off;
+# metrics; the process runs as uid 10001, not root; nothing in the container's /tmp (no telemetry file).
+SMOKE_CONTAINER = $$(podman ps -q --filter ancestor=localhost/container-smoke:latest | head -n 1)
 smoke: ## build the container and probe it (needs ../shared/tools/container-smoke)
 	../shared/tools/container-smoke -- 'curl -fsS $$URL/health/ready' \
 	  'curl -fsS -F file=@$(SMOKE_PHOTO) "$$URL/segment?outputs=" | grep -q "\"found\":true"' \
 	  'curl -fsS -F file=@$(SMOKE_PHOTO) -H "Accept: image/png" $$URL/segment | head -c 8 | grep -q PNG' \
-	  'curl -fsS $$URL/metrics | grep -q dermaseg_'
+	  'test "$$(curl -s -o /dev/null -w "%{http_code}" -F file=@README.md $$URL/segment)" = 400' \
+	  'test "$$(curl -s -o /dev/null -w "%{http_code}" $$URL/docs)" = 404' \
+	  'curl -fsS $$URL/metrics | grep -q dermaseg_' \
+	  'test "$$(podman exec $(SMOKE_CONTAINER) id -u)" = 10001' \
+	  'test -z "$$(podman exec $(SMOKE_CONTAINER) ls -A /tmp)"'
 
 clean: ## remove caches (not the venv, not runs/)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info
