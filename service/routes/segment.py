@@ -82,24 +82,43 @@ _REQUEST_BODY: dict[str, Any] = {
 }
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"model": ErrorResponse, "description": description}
+def _header(description: str, schema_type: str = "string") -> dict[str, Any]:
+    return {"description": description, "schema": {"type": schema_type}}
+
+
+#: Every answer carries its request id (service.observability).
+_REQUEST_ID = {"X-Request-ID": _header("The request's id (the client's own when it sent a safe one).")}
+
+
+def _error(description: str, **headers: dict[str, Any]) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description, "headers": {**_REQUEST_ID, **headers}}
 
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The segmentation as JSON; with format=png or Accept: image/png, the mask as PNG.",
         "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        "headers": {
+            **_REQUEST_ID,
+            "Server-Timing": _header("Where the time went: receive, queue, decode, … total (ms)."),
+            "X-Lesion-Found": _header("PNG answers only: true or false."),
+            "X-Lesion-Area-Px": _header("PNG answers only: the lesion's area in pixels.", "integer"),
+            "X-Model": _header("PNG answers only: the model's name/version."),
+        },
     },
     400: _error("undecodable_image: the bytes are not a readable image; malformed_request: bad multipart."),
-    401: _error("unauthorized: API keys are configured and none valid was given."),
-    408: _error("request_timeout: the upload did not arrive within the time allowed."),
+    401: _error(
+        "unauthorized: API keys are configured and none valid was given.",
+        **{"WWW-Authenticate": _header('Bearer realm="dermaseg"')},
+    ),
+    408: _error("request_timeout: the upload did not arrive within the time allowed (connection closed)."),
     413: _error("payload_too_large: over the byte limit; image_too_large: over the pixel limit."),
     415: _error("unsupported_media_type: not JPEG, PNG, BMP or TIFF, or the request is not multipart."),
     422: _error("validation_error: the file field is missing or given twice, or an option is out of range."),
     500: _error("internal_error: an unexpected failure (details are in the server log only)."),
     503: _error(
-        "overloaded (with Retry-After): too many requests waiting; not_ready: the model is not ready."
+        "overloaded: too many requests waiting; not_ready: the model is not ready. Retry after the delay.",
+        **{"Retry-After": _header("Seconds to wait before retrying.", "integer")},
     ),
 }
 
