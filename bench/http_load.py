@@ -81,9 +81,12 @@ class ServiceConfig:
                 settings.append((key, value.strip()))
         return cls(name or rest or "defaults", tuple(settings), workers, query)
 
-    def environment(self, model_path: Path) -> dict[str, str]:
-        """The service's environment: this one, plus the model, quiet logs and these settings."""
-        env = dict(os.environ)
+    def environment(self, model_path: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The service's environment: this one without its DERMASEG_* and ORT_* variables (the service is
+        configured here, and sets ONNX Runtime's itself), plus ``extra``, the model, quiet logs and these
+        settings (which may set ``log_level`` too)."""
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("DERMASEG_", "ORT_"))}
+        env.update(extra or {})
         env.update({"DERMASEG_MODEL_PATH": str(model_path), "DERMASEG_LOG_LEVEL": "WARNING"})
         env.update({f"DERMASEG_{key.upper()}": value for key, value in self.settings})
         return env
@@ -108,16 +111,24 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """The service in a subprocess on loopback; ``start()`` returns once ``/health/ready`` says ready."""
+    """The service in a subprocess on loopback; ``start()`` returns once ``/health/ready`` says ready.
 
-    def __init__(self, model_path: Path, config: ServiceConfig, log_path: Path) -> None:
+    ``launch()`` and ``wait_ready()`` are ``start()``'s two halves, for whoever watches the start-up itself.
+    ``env`` adds environment variables that are not settings (e.g. ``TMPDIR``).
+    """
+
+    def __init__(
+        self, model_path: Path, config: ServiceConfig, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.model_path = Path(model_path).resolve()
         self.config = config
         self.log_path = log_path
+        self.env = env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.ready_s: float | None = None
+        self._launched_at = 0.0
 
     def command(self) -> list[str]:
         host_port = ["--host", "127.0.0.1", "--port", str(self.port)]
@@ -137,34 +148,44 @@ class ServiceProcess:
             "--no-access-log",
         ]
 
-    def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-        """Starts the service and waits until it is ready.
-
-        Raises:
-            RuntimeError: the service exited or was not ready within ``timeout_s`` (with its log's tail).
-        """
-        started = time.perf_counter()
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Starts the service's process and returns at once."""
+        self._launched_at = time.perf_counter()
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 self.command(),
                 cwd=REPO_ROOT,
-                env=self.config.environment(self.model_path),
+                env=self.config.environment(self.model_path, self.env),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        return self.process
+
+    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Waits until ``/health/ready`` answers 200.
+
+        Raises:
+            RuntimeError: the service exited or was not ready within ``timeout_s`` (with its log's tail).
+        """
+        assert self.process is not None, "launch() first"
         with httpx.Client(base_url=self.url, timeout=5.0) as client:
-            while time.perf_counter() - started < timeout_s:
+            while time.perf_counter() - self._launched_at < timeout_s:
                 if self.process.poll() is not None:
                     raise RuntimeError(
                         f"the service exited with {self.process.returncode}: {self.log_tail()}"
                     )
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get("/health/ready").status_code == 200:
-                        self.ready_s = time.perf_counter() - started
+                        self.ready_s = time.perf_counter() - self._launched_at
                         return
-                time.sleep(0.2)
+                time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"the service was not ready after {timeout_s:.0f} s: {self.log_tail()}")
+
+    def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Starts the service and waits until it is ready (see :meth:`wait_ready`)."""
+        self.launch()
+        self.wait_ready(timeout_s)
 
     def log_tail(self, lines: int = 15) -> str:
         try:

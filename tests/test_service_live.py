@@ -15,92 +15,57 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from bench.http_load import ServiceConfig, ServiceProcess, free_port
 from tests.bad_inputs import BOUNDARY, MULTIPART, encode, lesion, multipart, photo_part
 from tests.onnx_models import write_darkness_model, write_not_a_dermaseg_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class LiveService:
-    """``python -m service.main`` on a free loopback port, its log in a file."""
-
-    def __init__(self, model: Path, log: Path, env: dict[str, str] | None = None, **settings: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        # Nothing inherited that the service should set itself (ORT_DISABLE_TELEMETRY) or read (DERMASEG_*).
-        environment = {
-            k: v for k, v in os.environ.items() if not k.startswith(("DERMASEG_", "ORT_")) and k != "PORT"
-        }
-        environment.update(env or {})
-        environment.update({"DERMASEG_MODEL_PATH": str(model), "DERMASEG_LOG_LEVEL": "INFO"})
-        environment.update({f"DERMASEG_{key.upper()}": value for key, value in settings.items()})
-        with log.open("wb") as stream:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.main", "--port", str(self.port)],
-                cwd=REPO,
-                env=environment,
-                stdout=stream,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_listening(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert self.process.poll() is None, self.log_text()
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                assert time.monotonic() < deadline, f"not listening after {timeout_s} s: {self.log_text()}"
-                time.sleep(0.02)
-
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        self.wait_listening(timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while httpx.get(f"{self.url}/health/ready", timeout=5).status_code != 200:
-            assert self.process.poll() is None, self.log_text()
-            assert time.monotonic() < deadline, self.log_text()
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+Launch = Callable[..., ServiceProcess]
 
 
 @pytest.fixture
-def live(tmp_path: Path) -> Iterator[type[LiveService]]:
-    started: list[LiveService] = []
+def live(tmp_path: Path) -> Iterator[Launch]:
+    """Launches ``python -m service.main`` (INFO logs) with a model, settings and extra environment; does not
+    wait for it. Every service launched is stopped at the end."""
+    launched: list[ServiceProcess] = []
 
-    class Tracked(LiveService):
-        def __init__(self, model: Path, env: dict[str, str] | None = None, **settings: str) -> None:
-            super().__init__(model, tmp_path / f"service-{len(started)}.log", env, **settings)
-            started.append(self)
+    def launch(model: Path, env: dict[str, str] | None = None, **settings: str) -> ServiceProcess:
+        config = ServiceConfig("live", (("log_level", "INFO"), *settings.items()))
+        service = ServiceProcess(model, config, tmp_path / f"service-{len(launched)}.log", env)
+        launched.append(service)
+        service.launch()
+        return service
 
-    yield Tracked
-    for service in started:
+    yield launch
+    for service in launched:
         service.stop()
+
+
+def log_text(service: ServiceProcess) -> str:
+    return service.log_path.read_text(errors="replace")
+
+
+def wait_listening(service: ServiceProcess, timeout_s: float = 60.0) -> None:
+    """Waits until the service accepts connections (it does before it is ready)."""
+    assert service.process is not None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert service.process.poll() is None, log_text(service)
+        try:
+            with socket.create_connection(("127.0.0.1", service.port), timeout=1):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, f"not listening after {timeout_s} s: {log_text(service)}"
+            time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +83,11 @@ def _metric(text: str, name: str) -> float:
 # --- readiness -------------------------------------------------------------------------------------
 
 
-def test_ready_is_503_until_the_warm_up_ends(live: type[LiveService], tmp_path: Path) -> None:
+def test_ready_is_503_until_the_warm_up_ends(live: Launch, tmp_path: Path) -> None:
     # A 1024 × 1024 input makes each warm-up run take milliseconds: long enough to watch it.
     model = write_darkness_model(tmp_path / "slow.onnx", input_size=(1024, 1024))
     service = live(model, warmup_runs="150")
-    service.wait_listening()
+    wait_listening(service)
     seen_warming = False
     deadline = time.monotonic() + 120
     with httpx.Client(base_url=service.url, timeout=10) as client:
@@ -140,7 +105,7 @@ def test_ready_is_503_until_the_warm_up_ends(live: type[LiveService], tmp_path: 
                 assert refused.json()["error"]["code"] == "not_ready"
                 assert refused.headers["retry-after"]
                 assert _metric(client.get("/metrics").text, "dermaseg_ready") == 0.0
-            assert time.monotonic() < deadline, service.log_text()
+            assert time.monotonic() < deadline, log_text(service)
             time.sleep(0.05)
         assert seen_warming, "the server never answered while warming up"
         assert _metric(client.get("/metrics").text, "dermaseg_ready") == 1.0
@@ -153,7 +118,7 @@ def test_ready_is_503_until_the_warm_up_ends(live: type[LiveService], tmp_path: 
 
 
 def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_cleanly(
-    live: type[LiveService], tiny_model: Path
+    live: Launch, tiny_model: Path
 ) -> None:
     service = live(tiny_model, max_concurrency="1", max_queued="16")
     service.wait_ready()
@@ -211,8 +176,8 @@ def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_clean
     assert len(answers) == in_flight
     # uvicorn drains, shuts the app down, then re-raises the signal on purpose, so that whoever started it
     # sees how it ended: -15 here, 143 in a shell or a container. Nothing was cut short.
-    assert service.process.wait(timeout=30) in (0, -signal.SIGTERM), service.log_text()
-    log = service.log_text()
+    assert service.process.wait(timeout=30) in (0, -signal.SIGTERM), log_text(service)
+    log = log_text(service)
     assert "Traceback" not in log
     assert "ERROR" not in log
     assert "Application shutdown complete" in log
@@ -248,7 +213,7 @@ def _raw_request(port: int, head_body: bytes, drip: bytes = b"", every_s: float 
 
 
 @pytest.mark.parametrize("how", ["stalled", "dripping"])
-def test_a_slow_or_stalled_upload_is_cut_off(live: type[LiveService], tiny_model: Path, how: str) -> None:
+def test_a_slow_or_stalled_upload_is_cut_off(live: Launch, tiny_model: Path, how: str) -> None:
     service = live(tiny_model, upload_timeout_s="1")
     service.wait_ready()
     body = multipart(photo_part(encode(lesion(), "PNG")))
@@ -269,7 +234,7 @@ def test_a_slow_or_stalled_upload_is_cut_off(live: type[LiveService], tiny_model
     # The service is unharmed.
     good = httpx.post(f"{service.url}/segment", content=body, headers={"Content-Type": MULTIPART}, timeout=30)
     assert good.status_code == 200
-    assert BOUNDARY not in service.log_text()
+    assert BOUNDARY not in log_text(service)
 
 
 # --- start-up failures -------------------------------------------------------------------------------
@@ -312,7 +277,7 @@ def test_a_bad_model_file_stops_the_service_with_one_clear_line(
     path = make(tmp_path)  # type: ignore[operator]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DERMASEG_")}
     result = subprocess.run(
-        [sys.executable, "-m", "service.main", "--model", str(path), "--port", str(_free_port())],
+        [sys.executable, "-m", "service.main", "--model", str(path), "--port", str(free_port())],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -343,9 +308,7 @@ def _open_files(pid: int) -> set[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
-def test_a_large_upload_in_progress_opens_no_file(
-    live: type[LiveService], tiny_model: Path, tmp_path: Path
-) -> None:
+def test_a_large_upload_in_progress_opens_no_file(live: Launch, tiny_model: Path, tmp_path: Path) -> None:
     temp = tmp_path / "service-tmp"
     temp.mkdir()
     service = live(tiny_model, env={"TMPDIR": str(temp)}, max_upload_bytes=str(32 * 1024 * 1024))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from starlette.types import Message
 
+from bench.http_load import free_port
 from service.config import DEFAULT_MODEL_PATH, Settings
 from service.inference import ModelLoadError
 from service.main import create_app
@@ -293,14 +293,8 @@ def test_the_service_never_imports_tensorflow(model_path: Path) -> None:
     assert result.stdout.strip() == "[]"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_python_m_service_main_serves(model_path: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     env = clean_env(DERMASEG_MODEL_PATH=str(model_path), PORT=str(port), DERMASEG_LOG_LEVEL="info")
     with log.open("w") as stream:
