@@ -80,17 +80,18 @@ def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
         ImageDecodeError: the bytes are no image, a format we do not take, truncated, or too large.
     """
     name = str(source) if isinstance(source, str | Path) else "upload"
-    if isinstance(source, bytes):
-        if not source:
+    stream = open(source, "rb") if isinstance(source, str | Path) else io.BytesIO(source)  # noqa: SIM115
+    try:
+        head = stream.read(8)
+        stream.seek(0)
+        if not head:
             raise ImageDecodeError("undecodable_image", f"{name}: the file is empty")
         for signature, kind in DOCUMENT_SIGNATURES.items():
-            if source.startswith(signature):
+            if head.startswith(signature):
                 raise ImageDecodeError(
                     "unsupported_media_type",
                     f"{name}: a {kind} document, not a photo (JPEG, PNG, BMP or TIFF)",
                 )
-    stream = open(source, "rb") if isinstance(source, str | Path) else io.BytesIO(source)  # noqa: SIM115
-    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             previous_limit = Image.MAX_IMAGE_PIXELS

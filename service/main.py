@@ -109,7 +109,7 @@ def load_served_model(settings: Settings) -> ServedModel:
             "%s was asked for but is not in use: the session runs on %s", first_wanted, onnx_model.providers
         )
     reason = None
-    if settings.require_providers and first_wanted not in onnx_model.providers:
+    if settings.require_providers and fallback:
         reason = f"{first_wanted} was required but the session runs on {onnx_model.providers}"
     digest = sha256_file(onnx_model.path)
     card, card_source = read_card(onnx_model.path, digest, onnx_model.info.card)
@@ -167,8 +167,7 @@ async def _warm_up_then_ready(app: FastAPI, served: ServedModel, runs: int, star
         logger.error("model loaded but NOT READY: %s", app.state.not_ready_reason)
         return
     app.state.not_ready_reason = served.not_ready_reason
-    app.state.ready = served.not_ready_reason is None
-    metrics.ready.set(1 if app.state.ready else 0)
+    metrics.ready.set(0 if served.not_ready_reason else 1)
     if served.not_ready_reason:
         logger.error("model loaded but NOT READY: %s", served.not_ready_reason)
         return
@@ -210,7 +209,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            app.state.ready = False
             app.state.not_ready_reason = "shutting down"
             metrics.ready.set(0)
             tasks.cancel_scope.cancel()
@@ -266,7 +264,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.max_concurrency, settings.max_queued, settings.retry_after_s, metrics
     )
     app.state.served = None
-    app.state.ready = False
+    # Why the app must not segment now; None once loaded, warmed up and on the providers required.
     app.state.not_ready_reason = "the model is not loaded yet"
     app.state.startup_error = None
     install_error_handlers(app)

@@ -192,7 +192,8 @@ def run(
         log(f"service ready in {service.ready_s:.1f} s at {service.url} ({model.name})")
         references: dict[str, np.ndarray] = {}
         with httpx.Client(base_url=service.url, timeout=120.0) as client:
-            for case in [*{case.name: case for case in [*everything, *bursts] if case.valid}.values()]:
+            valid = {case.name: case for case in [*everything, *bursts] if case.valid}
+            for case in valid.values():
                 answer = client.post(case.path, content=case.body, headers=case.headers)
                 answer.raise_for_status()
                 references[case.name] = mask_of(answer.json())

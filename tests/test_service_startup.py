@@ -69,7 +69,7 @@ def test_a_bad_model_stops_the_start_up(tmp_path: Path, make: Any, message: str)
     app = create_app(Settings(model_path=path))  # building the app never touches the model
     with pytest.raises(ModelLoadError, match=message), TestClient(app):
         pass
-    assert app.state.ready is False
+    assert app.state.not_ready_reason == "the model is not loaded yet"
 
 
 def test_start_up_failure_is_reported_in_one_line(tmp_path: Path) -> None:

@@ -123,11 +123,12 @@ def get_served_model(
     request: Request, served: Annotated[ServedModel, Depends(get_loaded_model)]
 ) -> ServedModel:
     """The model when it may serve; 503 ``not_ready`` before warm-up or if a required provider is missing."""
-    if not request.app.state.ready:
+    reason = request.app.state.not_ready_reason
+    if reason is not None:
         raise ServiceError(
             503,
             "not_ready",
-            request.app.state.not_ready_reason or "the model is not ready",
+            reason,
             headers={"Retry-After": "5"},
         )
     return served

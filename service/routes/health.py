@@ -34,13 +34,14 @@ async def live() -> LiveResponse:
 async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
     """The model is loaded, warmed up and on the providers asked for (503 otherwise)."""
     served = cast(ServedModel | None, getattr(request.app.state, "served", None))
-    is_ready = bool(request.app.state.ready) and served is not None
+    reason = request.app.state.not_ready_reason
+    is_ready = reason is None and served is not None
     body = ReadyResponse(
         status="ready" if is_ready else "not_ready",
         model=ModelRef(name=served.info.name, version=served.info.version) if served else None,
         providers=served.providers if served else [],
         requested_providers=list(settings.providers),
         fallback=served.fallback if served else False,
-        reason=None if is_ready else str(request.app.state.not_ready_reason or "not ready"),
+        reason=None if is_ready else str(reason),
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if is_ready else 503)
