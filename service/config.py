@@ -125,6 +125,13 @@ class Settings(BaseSettings):
         description="Longest time an upload may take to arrive, in seconds; a slower or stalled one is "
         "cut off with 408.",
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest time a client may take to send a request's line and headers, from connecting "
+        "or from the previous answer, in seconds (`python -m service.main`); beyond it: 408 and the "
+        "connection closed.",
+    )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After (seconds) sent with 503 overloaded.")
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(

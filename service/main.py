@@ -41,6 +41,7 @@ from service.observability import Metrics, RequestMiddleware, configure_logging,
 from service.routes import health, model, segment
 from service.routes import metrics as metrics_routes
 from service.routes.deps import InferenceLimiter, ServedModel
+from service.server import header_deadline_protocol
 
 logger = logging.getLogger("dermaseg")
 
@@ -321,7 +322,7 @@ def serve(
         access_log=False,  # RequestMiddleware writes the access log (with request ids, without queries)
         server_header=False,
         timeout_graceful_shutdown=10,
-        http=settings.http,
+        http=header_deadline_protocol(settings.http, settings.header_timeout_s),
         loop=settings.loop,
     )
 

@@ -225,16 +225,85 @@ def test_a_slow_or_stalled_upload_is_cut_off(live: Launch, tiny_model: Path, how
         answer, elapsed = _raw_request(service.port, head + body[: len(body) // 3])
     else:  # a byte every 0.2 s: alive, but the whole body would take hours
         answer, elapsed = _raw_request(service.port, head + body[:100], drip=body[100:], every_s=0.2)
-    status_line, _, rest = answer.partition(b"\r\n")
+    status_line, headers, payload = _parse(answer)
     assert status_line == b"HTTP/1.1 408 Request Timeout", answer[:300]
-    headers, _, payload = rest.partition(b"\r\n\r\n")
-    assert b"connection: close" in headers.lower()
+    assert b"connection: close" in headers
     assert json.loads(payload)["error"]["code"] == "request_timeout"
     assert 0.9 < elapsed < 10  # cut at the 1 s limit, and the connection closed (recv saw the end)
     # The service is unharmed.
     good = httpx.post(f"{service.url}/segment", content=body, headers={"Content-Type": MULTIPART}, timeout=30)
     assert good.status_code == 200
     assert BOUNDARY not in log_text(service)
+
+
+def _parse(answer: bytes) -> tuple[bytes, bytes, bytes]:
+    status_line, _, rest = answer.partition(b"\r\n")
+    headers, _, payload = rest.partition(b"\r\n\r\n")
+    return status_line, headers.lower(), payload
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+@pytest.mark.parametrize("how", ["silent", "stalled in the headers", "dripping headers"])
+def test_slow_request_headers_are_cut_off(live: Launch, tiny_model: Path, parser: str, how: str) -> None:
+    service = live(tiny_model, header_timeout_s="1", http=parser)
+    service.wait_ready()
+    head = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+    if how == "silent":  # connects, sends nothing
+        answer, elapsed = _raw_request(service.port, b"")
+    elif how == "stalled in the headers":
+        answer, elapsed = _raw_request(service.port, head[:30])
+    else:  # a byte every 0.2 s: the headers would take a minute
+        answer, elapsed = _raw_request(service.port, head[:10], drip=head[10:], every_s=0.2)
+    status_line, headers, payload = _parse(answer)
+    assert status_line == b"HTTP/1.1 408 Request Timeout", answer[:300]
+    assert b"connection: close" in headers
+    assert json.loads(payload)["error"]["code"] == "request_timeout"
+    assert 0.9 < elapsed < 10
+    assert httpx.get(f"{service.url}/health/ready", timeout=10).status_code == 200
+
+
+def _read_response(connection: socket.socket) -> bytes:
+    """One whole HTTP/1.1 answer with a Content-Length from ``connection``."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += connection.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_the_header_deadline_spares_kept_alive_connections_and_times_each_request(
+    live: Launch, tiny_model: Path, parser: str
+) -> None:
+    service = live(tiny_model, header_timeout_s="1", http=parser)
+    service.wait_ready()
+    request = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", service.port), timeout=20) as connection:
+        for _ in range(3):  # idle well past the deadline between requests (but within keep-alive's 5 s)
+            connection.sendall(request)
+            answer = _read_response(connection)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            time.sleep(1.5)
+        # Headers sent within the deadline but slowly (0.5 s in all) still make a request.
+        for index in range(0, len(request), 10):
+            connection.sendall(request[index : index + 10])
+            time.sleep(0.1)
+        assert _read_response(connection).startswith(b"HTTP/1.1 200")
+        # The next request's clock starts at its first byte.
+        connection.sendall(request[:20])
+        started = time.monotonic()
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert _parse(answer)[0] == b"HTTP/1.1 408 Request Timeout"
+    assert 0.9 < time.monotonic() - started < 10
 
 
 # --- start-up failures -------------------------------------------------------------------------------
