@@ -203,7 +203,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         served.providers,
         served.requested_providers,
         fallback=served.fallback,
-        ready=False,
     )
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(_warm_up_then_ready, app, served, settings.warmup_runs, started)

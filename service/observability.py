@@ -94,8 +94,8 @@ class Metrics:
         requested_providers: Sequence[str],
         *,
         fallback: bool,
-        ready: bool,
     ) -> None:
+        """Describes the loaded model (readiness is set apart, once it is warmed up)."""
         self.model.info(
             {
                 "name": name,
@@ -106,7 +106,6 @@ class Metrics:
             }
         )
         self.provider_fallback.set(1 if fallback else 0)
-        self.ready.set(1 if ready else 0)
 
 
 def _incoming_request_id(scope: Scope) -> str | None:
