@@ -30,7 +30,7 @@ serve: $(BIN)/.serve-deps ## serve the shipped model on http://$(HOST):$(PORT)
 test: $(BIN)/.dev-deps ## run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(BIN)/.dev-deps ## run the tests that train and export nothing
+test-fast: $(BIN)/.dev-deps ## run the quick tests (no training, export or load run)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(BIN)/.dev-deps ## ruff and hadolint
