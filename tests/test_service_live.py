@@ -86,7 +86,7 @@ def _metric(text: str, name: str) -> float:
 def test_ready_is_503_until_the_warm_up_ends(live: Launch, tmp_path: Path) -> None:
     # A 1024 × 1024 input makes each warm-up run take milliseconds: long enough to watch it.
     model = write_darkness_model(tmp_path / "slow.onnx", input_size=(1024, 1024))
-    service = live(model, warmup_runs="150")
+    service = live(model, warmup_runs="400")
     wait_listening(service)
     seen_warming = False
     deadline = time.monotonic() + 120
@@ -146,13 +146,13 @@ def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_clean
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 30
-    while True:  # every request is in the service: running or waiting for the one slot
+    while True:  # every request has arrived, and most are still in the service (running or waiting)
         metrics = httpx.get(f"{service.url}/metrics", timeout=5).text
         held = _metric(metrics, "dermaseg_segmentations_running")
         held += _metric(metrics, "dermaseg_segmentations_waiting")
-        if held == in_flight:
+        if held + len(finished_at) == in_flight and held >= in_flight - 2:
             break
-        assert time.monotonic() < deadline, f"only {held} of {in_flight} requests arrived"
+        assert time.monotonic() < deadline, f"{held} in the service, {len(finished_at)} done"
         time.sleep(0.01)
 
     service.process.send_signal(signal.SIGTERM)
