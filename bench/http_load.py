@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -23,10 +24,10 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -35,6 +36,8 @@ from bench.memory import Resident, resident
 from bench.timing import Effort, Timing
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Steps the issue counts as work; the rest of what the client waits is the service's overhead.
@@ -274,36 +277,54 @@ def _record(level: LevelResult, elapsed_ms: float, timings: dict[str, Any]) -> N
     )
 
 
+async def drive(
+    url: str,
+    concurrency: int,
+    items: Iterable[T],
+    handle: Callable[[httpx.AsyncClient, T], Awaitable[None]],
+    *,
+    max_seconds: float = math.inf,
+    timeout_s: float = 300.0,
+) -> float:
+    """``concurrency`` simulated clients, one connection each: each takes the next item and awaits
+    ``handle(client, item)``, until the items run out or ``max_seconds`` pass. Returns the wall time in s."""
+    pending = iter(items)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(timeout_s)) as client:
+        started = time.perf_counter()
+        deadline = started + max_seconds
+
+        async def client_loop() -> None:
+            for item in pending:
+                await handle(client, item)
+                if time.perf_counter() >= deadline:
+                    return
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        return time.perf_counter() - started
+
+
 async def _load(
     url: str, path: str, body: bytes, content_type: str, concurrency: int, total: int, max_seconds: float
 ) -> LevelResult:
     level = LevelResult(concurrency)
     errors: Counter[str] = Counter()
-    issued = 0
     headers = {"Content-Type": content_type, "Accept": "application/json"}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(300.0)) as client:
-        started = time.perf_counter()
-        deadline = started + max_seconds
 
-        async def client_loop() -> None:
-            nonlocal issued
-            while issued < total and time.perf_counter() < deadline:
-                issued += 1
-                sent = time.perf_counter()
-                try:
-                    response = await client.post(path, content=body, headers=headers)
-                except httpx.HTTPError as error:
-                    errors[type(error).__name__] += 1
-                    continue
-                elapsed_ms = (time.perf_counter() - sent) * 1000.0
-                if response.status_code == 200:
-                    _record(level, elapsed_ms, response.json().get("timings_ms", {}))
-                else:
-                    errors[str(response.status_code)] += 1
+    async def post(client: httpx.AsyncClient, _: int) -> None:
+        sent = time.perf_counter()
+        try:
+            response = await client.post(path, content=body, headers=headers)
+        except httpx.HTTPError as error:
+            errors[type(error).__name__] += 1
+            return
+        elapsed_ms = (time.perf_counter() - sent) * 1000.0
+        if response.status_code == 200:
+            _record(level, elapsed_ms, response.json().get("timings_ms", {}))
+        else:
+            errors[str(response.status_code)] += 1
 
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        level.wall_s = time.perf_counter() - started
+    level.wall_s = await drive(url, concurrency, range(total), post, max_seconds=max_seconds)
     level.errors = dict(errors)
     return level
 

@@ -40,7 +40,7 @@ from service.inference import (
 from service.observability import Metrics, RequestMiddleware, configure_logging, silence_payload_loggers
 from service.routes import health, model, segment
 from service.routes import metrics as metrics_routes
-from service.routes.deps import InferenceLimiter, ServedModel
+from service.routes.deps import NOT_LOADED, SHUTTING_DOWN, WARMING_UP, InferenceLimiter, ServedModel
 from service.server import header_deadline_protocol
 
 logger = logging.getLogger("dermaseg")
@@ -151,9 +151,6 @@ def warm_up(segmenter: Segmenter, runs: int) -> None:
         segmenter.segment([photo])
 
 
-WARMING_UP = "warming up"
-
-
 async def _warm_up_then_ready(app: FastAPI, served: ServedModel, runs: int, started: float) -> None:
     """Warms the model up while the server already answers probes, then marks the app ready.
 
@@ -209,7 +206,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            app.state.not_ready_reason = "shutting down"
+            app.state.not_ready_reason = SHUTTING_DOWN
             metrics.ready.set(0)
             tasks.cancel_scope.cancel()
 
@@ -264,8 +261,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.max_concurrency, settings.max_queued, settings.retry_after_s, metrics
     )
     app.state.served = None
-    # Why the app must not segment now; None once loaded, warmed up and on the providers required.
-    app.state.not_ready_reason = "the model is not loaded yet"
+    app.state.not_ready_reason = NOT_LOADED
     app.state.startup_error = None
     install_error_handlers(app)
     app.include_router(segment.router)

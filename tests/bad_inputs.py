@@ -11,6 +11,7 @@ oversized cases stay cheap to build and send).
 
 from __future__ import annotations
 
+import base64
 import functools
 import io
 import struct
@@ -261,6 +262,12 @@ def corpus() -> tuple[Case, ...]:
     names = [case.name for case in cases]
     assert len(names) == len(set(names)), "case names must be unique"
     return tuple(cases)
+
+
+def mask_of(answer: dict[str, Any]) -> np.ndarray:
+    """The mask of a JSON answer of ``POST /segment`` (its base64 PNG) as a uint8 array."""
+    with Image.open(io.BytesIO(base64.b64decode(answer["mask_png"]))) as image:
+        return np.asarray(image)
 
 
 def bad_cases() -> Sequence[Case]:

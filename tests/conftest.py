@@ -13,6 +13,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.routes.deps import WARMING_UP
 
 #: The real datasets (never copied into the repository): ``../shared/data`` beside the checkout.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -163,8 +166,6 @@ def serving(app: FastAPI, timeout_s: float = 60.0) -> Iterator[TestClient]:
 
     The app may still be not ready for another reason (a required provider missing); tests check that.
     """
-    from service.main import WARMING_UP
-
     with TestClient(app) as client:
         deadline = time.monotonic() + timeout_s
         while app.state.not_ready_reason == WARMING_UP:
@@ -172,3 +173,11 @@ def serving(app: FastAPI, timeout_s: float = 60.0) -> Iterator[TestClient]:
                 raise AssertionError(f"the app was still warming up after {timeout_s:.0f} s")
             time.sleep(0.005)
         yield client
+
+
+def metric_value(text: str, metric: str, /, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no sample {metric} {labels}")

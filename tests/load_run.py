@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import random
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,11 +31,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-from PIL import Image
 
-from bench.http_load import ServiceConfig, ServiceProcess
+from bench.http_load import ServiceConfig, ServiceProcess, drive
 from service.config import DEFAULT_MODEL_PATH
-from tests.bad_inputs import CORPUS_LIMITS, Case, corpus, encode, lesion, multipart, photo_part
+from tests.bad_inputs import CORPUS_LIMITS, Case, corpus, encode, lesion, mask_of, multipart, photo_part
 
 #: The service's own slots and queue during the run (its defaults, written out: the burst must exceed them).
 MAX_CONCURRENCY = 2
@@ -80,18 +76,6 @@ class LoadReport:
         return not self.failures
 
 
-def mask_of(payload: dict[str, Any]) -> np.ndarray:
-    with Image.open(io.BytesIO(base64.b64decode(payload["mask_png"]))) as image:
-        return np.asarray(image)
-
-
-async def _send(client: httpx.AsyncClient, case: Case) -> httpx.Response | Exception:
-    try:
-        return await client.post(case.path, content=case.body, headers=case.headers)
-    except httpx.HTTPError as error:
-        return error
-
-
 def _judge(case: Case, answer: httpx.Response | Exception, references: dict[str, np.ndarray], phase: Phase,
            allow_overload: bool = False) -> None:  # fmt: skip
     """Checks one answer against its case (and the reference mask); records what was wrong."""
@@ -127,26 +111,21 @@ async def _run_phase(
     allow_overload: bool = False,
     on_progress: Any = None,
 ) -> None:
-    queue: asyncio.Queue[Case] = asyncio.Queue()
-    for case in cases:
-        queue.put_nowait(case)
     done = 0
-    limits = httpx.Limits(max_connections=phase.concurrency, max_keepalive_connections=phase.concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
 
-        async def worker() -> None:
-            nonlocal done
-            while not queue.empty():
-                case = queue.get_nowait()
-                answer = await _send(client, case)
-                _judge(case, answer, references, phase, allow_overload)
-                done += 1
-                if on_progress is not None:
-                    on_progress(done)
+    async def send(client: httpx.AsyncClient, case: Case) -> None:
+        nonlocal done
+        answer: httpx.Response | Exception
+        try:
+            answer = await client.post(case.path, content=case.body, headers=case.headers)
+        except httpx.HTTPError as error:
+            answer = error
+        _judge(case, answer, references, phase, allow_overload)
+        done += 1
+        if on_progress is not None:
+            on_progress(done)
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(phase.concurrency)))
-        phase.wall_s = time.perf_counter() - started
+    phase.wall_s = await drive(url, phase.concurrency, cases, send, timeout_s=120.0)
     phase.requests = len(cases)
 
 

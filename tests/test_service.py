@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings
 from service.imaging import decode_image
@@ -25,7 +24,7 @@ from service.main import create_app
 from service.routes import segment as segment_route
 from service.routes.deps import InferenceLimiter
 from service.routes.segment import wants_png
-from tests.conftest import make_lesion, serving
+from tests.conftest import make_lesion, metric_value, serving
 from tests.onnx_models import TINY_CARD, TINY_NAME, TINY_VERSION, write_darkness_model
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -75,14 +74,6 @@ def error_code(response: Any) -> str:
     assert set(body) == {"error"}
     assert set(body["error"]) == {"code", "message"}
     return str(body["error"]["code"])
-
-
-def metric_value(text: str, metric: str, /, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    raise AssertionError(f"no sample {metric} {labels}")
 
 
 # --- health, model card, metrics ---------------------------------------------------------------------

@@ -21,7 +21,17 @@ from PIL import Image
 from service.config import Settings
 from service.errors import ERROR_CODES
 from service.main import create_app
-from tests.bad_inputs import CORPUS_LIMITS, Case, bad_cases, corpus, encode, lesion, multipart, photo_part
+from tests.bad_inputs import (
+    CORPUS_LIMITS,
+    Case,
+    bad_cases,
+    corpus,
+    encode,
+    lesion,
+    mask_of,
+    multipart,
+    photo_part,
+)
 from tests.conftest import serving
 from tests.onnx_models import write_darkness_model
 
@@ -40,12 +50,6 @@ def client(model_path: Path) -> Iterator[TestClient]:
 
 def send(client: TestClient, case: Case, **headers: str) -> object:
     return client.post(case.path, content=case.body, headers={**case.headers, **headers})
-
-
-def mask_of(response_json: dict[str, object]) -> np.ndarray:
-    data = base64.b64decode(str(response_json["mask_png"]))
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image)
 
 
 def test_the_corpus_covers_more_than_twenty_kinds_of_bad_input() -> None:

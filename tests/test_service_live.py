@@ -24,6 +24,7 @@ import pytest
 
 from bench.http_load import ServiceConfig, ServiceProcess, free_port
 from tests.bad_inputs import BOUNDARY, MULTIPART, encode, lesion, multipart, photo_part
+from tests.conftest import metric_value
 from tests.onnx_models import write_darkness_model, write_not_a_dermaseg_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,13 +74,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_darkness_model(tmp_path_factory.mktemp("model") / "tiny.onnx")
 
 
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {name} in the metrics")
-
-
 # --- readiness -------------------------------------------------------------------------------------
 
 
@@ -104,11 +98,11 @@ def test_ready_is_503_until_the_warm_up_ends(live: Launch, tmp_path: Path) -> No
             if refused.status_code == 503:  # (the warm-up may end between the two probes)
                 assert refused.json()["error"]["code"] == "not_ready"
                 assert refused.headers["retry-after"]
-                assert _metric(client.get("/metrics").text, "dermaseg_ready") == 0.0
+                assert metric_value(client.get("/metrics").text, "dermaseg_ready") == 0.0
             assert time.monotonic() < deadline, log_text(service)
             time.sleep(0.05)
         assert seen_warming, "the server never answered while warming up"
-        assert _metric(client.get("/metrics").text, "dermaseg_ready") == 1.0
+        assert metric_value(client.get("/metrics").text, "dermaseg_ready") == 1.0
         assert client.post(
             "/segment", files={"file": ("a.png", encode(lesion(), "PNG"), "image/png")}
         ).is_success
@@ -148,8 +142,8 @@ def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_clean
     deadline = time.monotonic() + 30
     while True:  # every request has arrived, and most are still in the service (running or waiting)
         metrics = httpx.get(f"{service.url}/metrics", timeout=5).text
-        held = _metric(metrics, "dermaseg_segmentations_running")
-        held += _metric(metrics, "dermaseg_segmentations_waiting")
+        held = metric_value(metrics, "dermaseg_segmentations_running")
+        held += metric_value(metrics, "dermaseg_segmentations_waiting")
         if held + len(finished_at) == in_flight and held >= in_flight - 2:
             break
         assert time.monotonic() < deadline, f"{held} in the service, {len(finished_at)} done"

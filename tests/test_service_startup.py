@@ -27,7 +27,7 @@ from service.config import DEFAULT_MODEL_PATH, Settings
 from service.inference import ModelLoadError
 from service.main import create_app
 from service.observability import Metrics
-from service.routes.deps import InferenceLimiter
+from service.routes.deps import NOT_LOADED, InferenceLimiter
 from tests.conftest import serving
 from tests.onnx_models import write_darkness_model, write_not_a_dermaseg_model
 
@@ -69,7 +69,7 @@ def test_a_bad_model_stops_the_start_up(tmp_path: Path, make: Any, message: str)
     app = create_app(Settings(model_path=path))  # building the app never touches the model
     with pytest.raises(ModelLoadError, match=message), TestClient(app):
         pass
-    assert app.state.not_ready_reason == "the model is not loaded yet"
+    assert app.state.not_ready_reason == NOT_LOADED
 
 
 def test_start_up_failure_is_reported_in_one_line(tmp_path: Path) -> None:

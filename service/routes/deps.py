@@ -21,6 +21,11 @@ from service.errors import ServiceError
 from service.inference import ModelInfo, Segmenter
 from service.observability import Metrics
 
+#: ``app.state.not_ready_reason`` as the app starts; None once loaded, warmed up, on the providers required.
+NOT_LOADED = "the model is not loaded yet"
+WARMING_UP = "warming up"
+SHUTTING_DOWN = "shutting down"
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -115,7 +120,7 @@ def get_loaded_model(request: Request) -> ServedModel:
     """The loaded model, ready or not (503 ``not_ready`` while it is still loading)."""
     served = cast(ServedModel | None, getattr(request.app.state, "served", None))
     if served is None:
-        raise ServiceError(503, "not_ready", "the model is not loaded yet", headers={"Retry-After": "5"})
+        raise ServiceError(503, "not_ready", NOT_LOADED, headers={"Retry-After": "5"})
     return served
 
 
