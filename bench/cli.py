@@ -27,7 +27,8 @@ from bench.raw import SessionSetting, bench_raw, time_session
 from bench.report import BenchResults, ModelDescription, render, write_json
 from bench.timing import FULL, QUICK
 from bench.variants import bench_variants, model_precision
-from service.inference import ModelLoadError, OnnxModel, preprocess, sha256_file
+from service.inference import ModelLoadError, OnnxModel, sha256_file
+from service.pipeline import preprocess
 
 logger = logging.getLogger("bench")
 

@@ -22,8 +22,8 @@ from bench.inputs import Photo
 from bench.timing import Effort, Timing, measure
 from service.config import Settings
 from service.imaging import IMAGE_RESAMPLE, decode_image, encode_png
-from service.inference import OnnxModel, postprocess, preprocess
-from service.routes.segment import probability_to_uint8
+from service.inference import OnnxModel
+from service.pipeline import postprocess, preprocess, probability_to_uint8
 
 #: zlib level of the service's PNGs (DERMASEG_PNG_COMPRESS_LEVEL's default), and Pillow's own default,
 #: which the service used before that setting.

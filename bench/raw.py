@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.timing import Effort, Timing, measure
-from service.inference import OnnxModel, preprocess
+from service.inference import OnnxModel
+from service.pipeline import preprocess
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ import numpy as np
 from bench.inputs import LabelledPhotos
 from bench.raw import network_batch
 from bench.timing import Effort, Timing, measure
-from service.inference import META_PREFIX, ModelInfo, OnnxModel, preprocess
+from service.inference import META_PREFIX, ModelInfo, OnnxModel
+from service.pipeline import preprocess
 from training.export import mean_dice, predict_masks
 
 logger = logging.getLogger(__name__)

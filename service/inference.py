@@ -1,7 +1,7 @@
-"""The inference core: decoded photo → network input → probabilities → mask the size of the photo.
+"""The ONNX model: its session on the providers asked for, what it says about itself, and its card.
 
-Used by `dermaseg evaluate` (for ONNX models, and for Keras checkpoints through the same pre- and
-post-processing), by `dermaseg predict` and by the service. No TensorFlow is imported here.
+:meth:`OnnxModel.pipeline` puts it in the :class:`service.pipeline.Pipeline` that `dermaseg evaluate`,
+`dermaseg predict` and the service share. No TensorFlow is imported here.
 """
 
 from __future__ import annotations
@@ -9,17 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from service.config import set_onnxruntime_environment
-from service.imaging import resize_image, resize_probability
+from service.pipeline import DEFAULT_THRESHOLD, Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +27,6 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
 #: Keys of the ONNX metadata_props written by the export.
 META_PREFIX = "dermaseg."
-DEFAULT_THRESHOLD = 0.5
-
-#: A function that maps a float32 batch ``(N, H, W, 3)`` of RGB 0–255 to probabilities ``(N, H, W[, 1])``.
-PredictFn = Callable[[np.ndarray], np.ndarray]
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -59,163 +54,6 @@ class ModelInfo:
         """The model card embedded in the file (empty when there is none)."""
         raw = self.metadata.get(META_PREFIX + "card")
         return json.loads(raw) if raw else {}
-
-
-@dataclass
-class Segmentation:
-    """The result for one photo, at the photo's own size.
-
-    Attributes:
-        mask: bool ``(H, W)`` lesion mask.
-        probability: float32 ``(H, W)`` lesion probability.
-        threshold: the threshold that made ``mask``.
-    """
-
-    mask: np.ndarray
-    probability: np.ndarray
-    threshold: float
-
-    @property
-    def area_px(self) -> int:
-        return int(self.mask.sum())
-
-    @property
-    def area_fraction(self) -> float:
-        return float(self.mask.mean()) if self.mask.size else 0.0
-
-    @property
-    def found(self) -> bool:
-        return self.area_px > 0
-
-    @property
-    def bbox(self) -> tuple[int, int, int, int] | None:
-        """``(x, y, width, height)`` of the lesion in pixels, or None when nothing was found."""
-        if not self.found:
-            return None
-        rows = np.flatnonzero(self.mask.any(axis=1))
-        cols = np.flatnonzero(self.mask.any(axis=0))
-        return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
-
-    def area_mm2(self, pixel_spacing_mm: float | None) -> float | None:
-        """Lesion area in mm² for a pixel of ``pixel_spacing_mm`` × ``pixel_spacing_mm``."""
-        if pixel_spacing_mm is None:
-            return None
-        return self.area_px * pixel_spacing_mm * pixel_spacing_mm
-
-
-def preprocess(rgb: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
-    """Resizes a uint8 RGB photo to the network input; returns float32 ``(h, w, 3)`` RGB in 0–255.
-
-    The network does its own scaling (it starts with a Rescaling layer), so this is only the resize.
-    """
-    return resize_image(rgb, input_size).astype(np.float32)
-
-
-def keep_largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keeps the largest 8-connected region of a bool mask."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    if count <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
-
-
-def postprocess(
-    probability: np.ndarray,
-    size: tuple[int, int],
-    threshold: float,
-    *,
-    largest_component: bool = False,
-    fill_holes: bool = False,
-) -> Segmentation:
-    """Brings a network-size probability map back to the photo's ``size = (H, W)`` and thresholds it.
-
-    Args:
-        probability: ``(h, w)`` or ``(h, w, 1)`` probabilities at the network's resolution.
-        size: the photo's own ``(height, width)``.
-        threshold: a pixel is lesion when its probability is at least this.
-        largest_component: keep only the largest connected region (the ISIC rule: one lesion).
-        fill_holes: fill holes inside the lesion (the ISIC rule: no holes).
-    """
-    probability = np.asarray(probability, dtype=np.float32)
-    if probability.ndim == 3:
-        probability = probability[..., 0]
-    full = resize_probability(probability, size)
-    mask = full >= threshold
-    if largest_component:
-        mask = keep_largest_component(mask)
-    if fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
-    return Segmentation(mask=mask, probability=full, threshold=threshold)
-
-
-class Segmenter:
-    """Pre-processing, a predict function and post-processing, batched.
-
-    Args:
-        predict: maps float32 ``(N, h, w, 3)`` RGB 0–255 to ``(N, h, w[, 1])`` probabilities.
-        input_size: the network's ``(height, width)``.
-        threshold: default threshold.
-        batch_size: photos per call of ``predict``.
-    """
-
-    def __init__(
-        self,
-        predict: PredictFn,
-        input_size: tuple[int, int],
-        threshold: float = DEFAULT_THRESHOLD,
-        batch_size: int = 8,
-    ) -> None:
-        self.predict = predict
-        self.input_size = input_size
-        self.threshold = threshold
-        self.batch_size = batch_size
-
-    def probabilities(self, batch: np.ndarray, flip_tta: bool = False) -> np.ndarray:
-        """Runs the network on a preprocessed batch; returns ``(N, h, w)`` float32 probabilities.
-
-        With ``flip_tta`` the batch is also run mirrored horizontally and vertically and the three
-        probability maps are averaged.
-        """
-        probs = np.asarray(self.predict(batch), dtype=np.float32).reshape(batch.shape[:3])
-        if flip_tta:
-            horizontal = np.asarray(self.predict(batch[:, :, ::-1].copy()), dtype=np.float32)
-            vertical = np.asarray(self.predict(batch[:, ::-1].copy()), dtype=np.float32)
-            probs = (
-                probs
-                + horizontal.reshape(batch.shape[:3])[:, :, ::-1]
-                + vertical.reshape(batch.shape[:3])[:, ::-1]
-            ) / 3.0
-        return probs
-
-    def segment(
-        self,
-        images: Sequence[np.ndarray],
-        threshold: float | None = None,
-        *,
-        flip_tta: bool = False,
-        largest_component: bool = False,
-        fill_holes: bool = False,
-    ) -> list[Segmentation]:
-        """Segments uint8 RGB photos of any size; each result is at its photo's own size."""
-        threshold = self.threshold if threshold is None else threshold
-        results: list[Segmentation] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            batch = np.stack([preprocess(image, self.input_size) for image in chunk])
-            probs = self.probabilities(batch, flip_tta=flip_tta)
-            for image, prob in zip(chunk, probs, strict=True):
-                results.append(
-                    postprocess(
-                        prob,
-                        image.shape[:2],
-                        threshold,
-                        largest_component=largest_component,
-                        fill_holes=fill_holes,
-                    )
-                )
-        return results
 
 
 def import_onnxruntime() -> ModuleType:
@@ -359,6 +197,12 @@ class OnnxModel:
         (output,) = self.session.run([self.output_name], feed)
         return np.asarray(output, dtype=np.float32)
 
-    def segmenter(self, batch_size: int = 8) -> Segmenter:
-        """A :class:`Segmenter` on this session, with the model's own input size and threshold."""
-        return Segmenter(self, self.info.input_size, self.info.threshold, batch_size=batch_size)
+    def pipeline(self, batch_size: int = 8, png_compress_level: int = 1) -> Pipeline:
+        """A :class:`Pipeline` on this session, with the model's own input size and threshold."""
+        return Pipeline(
+            self,
+            self.info.input_size,
+            self.info.threshold,
+            batch_size=batch_size,
+            png_compress_level=png_compress_level,
+        )

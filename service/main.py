@@ -31,13 +31,13 @@ from service.inference import (
     CardError,
     ModelLoadError,
     OnnxModel,
-    Segmenter,
     import_onnxruntime,
     load_card,
     resolve_providers,
     sha256_file,
 )
 from service.observability import Metrics, RequestMiddleware, configure_logging, silence_payload_loggers
+from service.pipeline import Pipeline
 from service.routes import health, model, segment
 from service.routes import metrics as metrics_routes
 from service.routes.deps import NOT_LOADED, SHUTTING_DOWN, WARMING_UP, InferenceLimiter, ServedModel
@@ -116,7 +116,7 @@ def load_served_model(settings: Settings) -> ServedModel:
     card, card_source = read_card(onnx_model.path, digest, onnx_model.info.card)
     return ServedModel(
         info=onnx_model.info,
-        segmenter=onnx_model.segmenter(batch_size=1),
+        pipeline=onnx_model.pipeline(batch_size=1, png_compress_level=settings.png_compress_level),
         providers=list(onnx_model.providers),
         requested_providers=list(settings.providers),
         sha256=digest,
@@ -143,12 +143,12 @@ def read_card(model_path: Path, sha256: str, embedded: dict[str, Any]) -> tuple[
         return embedded, "embedded"
 
 
-def warm_up(segmenter: Segmenter, runs: int) -> None:
+def warm_up(pipeline: Pipeline, runs: int) -> None:
     """Runs the whole pipeline on a gray photo so that the first request does not pay for lazy set-up."""
-    height, width = segmenter.input_size
+    height, width = pipeline.input_size
     photo = np.full((height, width, 3), 128, dtype=np.uint8)
     for _ in range(runs):
-        segmenter.segment([photo])
+        pipeline.segment([photo])
 
 
 async def _warm_up_then_ready(app: FastAPI, served: ServedModel, runs: int, started: float) -> None:
@@ -159,7 +159,7 @@ async def _warm_up_then_ready(app: FastAPI, served: ServedModel, runs: int, star
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     try:
-        await anyio.to_thread.run_sync(warm_up, served.segmenter, runs, abandon_on_cancel=True)
+        await anyio.to_thread.run_sync(warm_up, served.pipeline, runs, abandon_on_cancel=True)
     except Exception as error:
         app.state.not_ready_reason = f"warm-up failed: {type(error).__name__}: {error}"
         logger.error("model loaded but NOT READY: %s", app.state.not_ready_reason)

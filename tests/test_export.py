@@ -18,7 +18,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.imaging import decode_image
-from service.inference import OnnxModel, preprocess
+from service.inference import OnnxModel
+from service.pipeline import preprocess
 from tests.conftest import make_dataset, make_lesion
 from training.export import (
     MAX_OPSET,
@@ -283,7 +284,7 @@ def test_variants_load_and_segment(exported):
     masks = {}
     for file_name in ("dermaseg.fp32.onnx", "dermaseg.fp16.onnx", "dermaseg.onnx"):
         model = OnnxModel(exported["out"].with_name(file_name))
-        (result,) = model.segmenter().segment([photo])
+        (result,) = model.pipeline().segment([photo])
         assert result.mask.shape == (90, 120)
         masks[file_name] = result.mask
     overlap = (masks["dermaseg.fp16.onnx"] == masks["dermaseg.fp32.onnx"]).mean()

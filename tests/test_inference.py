@@ -1,7 +1,8 @@
-"""The inference core: post-processing, measurements, the Segmenter, OnnxModel and `dermaseg predict`."""
+"""The inference core: post-processing, measurements, the Pipeline, OnnxModel and `dermaseg predict`."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -15,11 +16,13 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from service.inference import (
-    ModelLoadError,
-    OnnxModel,
+from service.inference import ModelLoadError, OnnxModel
+from service.pipeline import (
+    STEPS,
+    Encoded,
+    Pipeline,
     Segmentation,
-    Segmenter,
+    StepTimes,
     keep_largest_component,
     postprocess,
     preprocess,
@@ -163,7 +166,7 @@ def test_segmentation_of_nothing():
     assert result.area_mm2(0.2) == 0.0
 
 
-# --- Segmenter ----------------------------------------------------------------------------------------------
+# --- Pipeline -----------------------------------------------------------------------------------------------
 
 
 def test_preprocess_resizes_to_the_network_input_as_float32_0_to_255():
@@ -173,16 +176,16 @@ def test_preprocess_resizes_to_the_network_input_as_float32_0_to_255():
     assert batch.min() == 0.0 and batch.max() == 255.0
 
 
-def test_segmenter_finds_a_dark_square_at_the_photo_size_in_batches():
+def test_pipeline_finds_a_dark_square_at_the_photo_size_in_batches():
     calls: list[int] = []
 
     def predict(batch: np.ndarray) -> np.ndarray:
         calls.append(len(batch))
         return darkness(batch)
 
-    segmenter = Segmenter(predict, (32, 32), threshold=0.5, batch_size=2)
+    pipeline = Pipeline(predict, (32, 32), threshold=0.5, batch_size=2)
     photos = [dark_square_photo(64, 96, (16, 16, 32, 32)) for _ in range(3)]
-    results = segmenter.segment(photos)
+    results = pipeline.segment(photos)
 
     assert calls == [2, 1]
     for result in results:
@@ -191,7 +194,7 @@ def test_segmenter_finds_a_dark_square_at_the_photo_size_in_batches():
         assert abs(x - 16) <= 2 and abs(y - 16) <= 2
         assert abs(width - 32) <= 4 and abs(height - 32) <= 4
     # A threshold given to segment() wins over the default.
-    assert not segmenter.segment(photos[:1], threshold=1.01)[0].found
+    assert not pipeline.segment(photos[:1], threshold=1.01)[0].found
 
 
 def test_flip_tta_realigns_the_flipped_predictions():
@@ -205,10 +208,10 @@ def test_flip_tta_realigns_the_flipped_predictions():
         return darkness(batch) * ramp
 
     batch = np.random.default_rng(0).uniform(0, 255, (2, height, width, 3)).astype(np.float32)
-    segmenter = Segmenter(predict, (height, width))
+    pipeline = Pipeline(predict, (height, width))
 
-    plain = segmenter.probabilities(batch)
-    averaged = segmenter.probabilities(batch, flip_tta=True)
+    plain = pipeline.infer(batch)
+    averaged = pipeline.infer(batch, flip_tta=True)
 
     dark = darkness(batch)[..., 0]
     assert plain.shape == averaged.shape == (2, height, width)
@@ -218,10 +221,38 @@ def test_flip_tta_realigns_the_flipped_predictions():
 
 def test_flip_tta_changes_nothing_for_a_flip_equivariant_network():
     batch = np.random.default_rng(1).uniform(0, 255, (1, 6, 6, 3)).astype(np.float32)
-    segmenter = Segmenter(darkness, (6, 6))
+    pipeline = Pipeline(darkness, (6, 6))
     np.testing.assert_allclose(
-        segmenter.probabilities(batch, flip_tta=True), segmenter.probabilities(batch), rtol=1e-6
+        pipeline.infer(batch, flip_tta=True), pipeline.infer(batch), rtol=1e-6
     )
+
+
+def test_pipeline_run_times_every_step_and_matches_segment():
+    photo = dark_square_photo(40, 60, (10, 5, 20, 15))
+    data = io.BytesIO()
+    Image.fromarray(photo).save(data, format="PNG")
+    pipeline = Pipeline(darkness, (16, 16), threshold=0.5)
+
+    result = pipeline.run(data.getvalue(), mask=True, probability=True)
+
+    assert list(result.times.ms) == list(STEPS)
+    assert all(ms >= 0.0 for ms in result.times.ms.values())
+    (batched,) = pipeline.segment([photo])
+    assert (result.height, result.width) == (40, 60)
+    np.testing.assert_array_equal(result.segmentation.mask, batched.mask)
+    with Image.open(io.BytesIO(result.encoded.mask_png or b"")) as mask_png:
+        np.testing.assert_array_equal(np.asarray(mask_png) == 255, batched.mask)
+    with Image.open(io.BytesIO(result.encoded.probability_png or b"")) as probability_png:
+        assert probability_png.size == (60, 40)
+    # Only what was asked for is encoded.
+    assert pipeline.run(data.getvalue(), mask=False).encoded == Encoded()
+
+
+def test_step_times_add_up_over_batches():
+    times = StepTimes()
+    pipeline = Pipeline(darkness, (8, 8), batch_size=1)
+    pipeline.segment([dark_square_photo(8, 8, (0, 0, 4, 4))] * 3, times=times)
+    assert set(times.ms) == {"preprocess", "inference", "postprocess"}
 
 
 # --- OnnxModel ----------------------------------------------------------------------------------------------
@@ -262,12 +293,12 @@ def test_onnx_model_runs_any_batch_size(darkness_model: Path):
         np.testing.assert_allclose(output, 0.8, rtol=1e-6)
 
 
-def test_onnx_model_segmenter_uses_the_model_threshold_and_size(darkness_model: Path):
-    segmenter = OnnxModel(darkness_model).segmenter(batch_size=4)
-    assert segmenter.input_size == (32, 32)
-    assert segmenter.threshold == pytest.approx(0.4)
+def test_onnx_model_pipeline_uses_the_model_threshold_and_size(darkness_model: Path):
+    pipeline = OnnxModel(darkness_model).pipeline(batch_size=4)
+    assert pipeline.input_size == (32, 32)
+    assert pipeline.threshold == pytest.approx(0.4)
     photo = dark_square_photo(48, 80, (20, 8, 40, 32))
-    result = segmenter.segment([photo])[0]
+    result = pipeline.segment([photo])[0]
     assert result.mask.shape == (48, 80)
     assert result.bbox == pytest.approx((20, 8, 40, 32), abs=3)
 

@@ -21,7 +21,7 @@ from service.config import Settings
 from service.imaging import decode_image
 from service.inference import OnnxModel
 from service.main import create_app
-from service.routes import segment as segment_route
+from service.pipeline import Pipeline
 from service.routes.deps import InferenceLimiter
 from service.routes.segment import wants_png
 from tests.conftest import make_lesion, metric_value, serving
@@ -226,8 +226,8 @@ def test_mask_agrees_with_the_inference_core(
     photo = lesion_photo((181, 243), seed=3)
     query = {key: str(value).lower() for key, value in options.items()}
     body = client.post("/segment", params=query, files=upload(photo)).json()
-    segmenter = OnnxModel(model_path).segmenter()
-    direct = segmenter.segment([decode_image(photo)], **options)[0]
+    pipeline = OnnxModel(model_path).pipeline()
+    direct = pipeline.segment([decode_image(photo)], **options)[0]
     np.testing.assert_array_equal(png_array(body["mask_png"]) > 0, direct.mask)
     expected_probability = np.rint(direct.probability * 255).astype(np.uint8)
     np.testing.assert_array_equal(png_array(body["probability_png"]), expected_probability)
@@ -464,7 +464,7 @@ def test_upload_over_the_byte_limit_413_before_decoding(
     def must_not_decode(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("decoded an upload over the byte limit")
 
-    monkeypatch.setattr(segment_route, "decode_image", must_not_decode)
+    monkeypatch.setattr(Pipeline, "decode", must_not_decode)
     photo = np.random.default_rng(0).integers(0, 255, (100, 100, 3), dtype=np.uint8)
     data = encode(photo, "BMP")  # 30 kB
     with serving(create_app(make_settings(model_path, max_upload_bytes=10_000))) as client:
@@ -509,7 +509,7 @@ def test_unexpected_failure_500_without_internals(
     def explode(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("secret detail at /srv/internal/path.py")
 
-    monkeypatch.setattr(segment_route, "postprocess", explode)
+    monkeypatch.setattr(Pipeline, "postprocess", explode)
     response = client.post("/segment", files=upload(lesion_photo()))
     assert response.status_code == 500
     assert error_code(response) == "internal_error"

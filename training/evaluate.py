@@ -1,6 +1,6 @@
 """Evaluation: a model (Keras checkpoint or ONNX) against expert masks, at each image's own size.
 
-The pre- and post-processing are those of `service.inference` — the same code the service runs — so a
+Decode, pre- and post-processing are those of `service.pipeline` — the same code the service runs — so a
 Keras checkpoint and its ONNX export are measured through one path and differ only in the network runner.
 """
 
@@ -16,22 +16,23 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from service.imaging import decode_image, load_mask
-from service.inference import DEFAULT_THRESHOLD, OnnxModel, Segmentation, Segmenter
+from service.imaging import load_mask
+from service.inference import OnnxModel
+from service.pipeline import DEFAULT_THRESHOLD, Pipeline, Segmentation
 from training.data import DataError, Sample, load_samples, load_split
 from training.metrics import MetricAccumulator
 
 logger = logging.getLogger(__name__)
 
 
-def load_segmenter(model_path: Path, batch_size: int = 8, providers: Sequence[str] = ("cpu",)) -> Segmenter:
-    """A :class:`Segmenter` for an ``.onnx`` model (ONNX Runtime) or a ``.keras`` checkpoint (Keras).
+def load_pipeline(model_path: Path, batch_size: int = 8, providers: Sequence[str] = ("cpu",)) -> Pipeline:
+    """A :class:`Pipeline` for an ``.onnx`` model (ONNX Runtime) or a ``.keras`` checkpoint (Keras).
 
     Keras is imported only for a checkpoint, so evaluating an ONNX model needs no TensorFlow.
     """
     model_path = Path(model_path)
     if model_path.suffix == ".onnx":
-        return OnnxModel(model_path, providers=providers).segmenter(batch_size=batch_size)
+        return OnnxModel(model_path, providers=providers).pipeline(batch_size=batch_size)
     if model_path.suffix != ".keras":
         raise DataError(f"{model_path}: expected a .keras checkpoint or an .onnx model")
     import keras
@@ -44,7 +45,7 @@ def load_segmenter(model_path: Path, batch_size: int = 8, providers: Sequence[st
     def predict(batch: np.ndarray) -> np.ndarray:
         return np.asarray(keras.ops.convert_to_numpy(model(batch, training=False)), dtype=np.float32)
 
-    return Segmenter(predict, (int(height), int(width)), DEFAULT_THRESHOLD, batch_size=batch_size)
+    return Pipeline(predict, (int(height), int(width)), DEFAULT_THRESHOLD, batch_size=batch_size)
 
 
 def save_overlay(path: Path, image: np.ndarray, truth: np.ndarray, result: Segmentation, title: str) -> None:
@@ -108,8 +109,8 @@ def evaluate(
             samples = load_samples([Path(root) for root in roots])
     if not samples:
         raise DataError("nothing to evaluate: no images")
-    segmenter = load_segmenter(Path(model_path), batch_size=batch_size, providers=providers)
-    threshold = segmenter.threshold if threshold is None else threshold
+    pipeline = load_pipeline(Path(model_path), batch_size=batch_size, providers=providers)
+    threshold = pipeline.threshold if threshold is None else threshold
     if overlays is not None:
         overlays.mkdir(parents=True, exist_ok=True)
 
@@ -117,8 +118,8 @@ def evaluate(
     progress = tqdm(total=len(samples), desc="evaluate", unit="img")
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        images = [decode_image(sample.image_path) for sample in chunk]
-        results = segmenter.segment(
+        images = [pipeline.decode(sample.image_path) for sample in chunk]
+        results = pipeline.segment(
             images, threshold, flip_tta=flip_tta, largest_component=largest_component, fill_holes=fill_holes
         )
         for sample, image, result in zip(chunk, images, results, strict=True):
@@ -145,7 +146,7 @@ def evaluate(
                 "largest_component": largest_component,
                 "fill_holes": fill_holes,
             },
-            "input_size": list(segmenter.input_size),
+            "input_size": list(pipeline.input_size),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
         }
     )

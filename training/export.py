@@ -40,16 +40,8 @@ from typing import Any
 import numpy as np
 
 from service.imaging import decode_image, load_mask
-from service.inference import (
-    DEFAULT_THRESHOLD,
-    INPUT_NAME,
-    META_PREFIX,
-    OUTPUT_NAME,
-    OnnxModel,
-    postprocess,
-    preprocess,
-    sha256_file,
-)
+from service.inference import INPUT_NAME, META_PREFIX, OUTPUT_NAME, OnnxModel, sha256_file
+from service.pipeline import DEFAULT_THRESHOLD, postprocess, preprocess
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``dermaseg predict``: segment photos with an ONNX model and write masks, probability maps and a summary.
 
-Runs on ONNX Runtime through the service's own inference core (`service.inference`), so it needs no
+Runs on ONNX Runtime through the service's own pipeline (`service.pipeline`), so it needs no
 TensorFlow and gives exactly what ``POST /segment`` would.
 """
 
@@ -14,12 +14,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 import training
-from service.imaging import ImageDecodeError, decode_image, encode_png
-from service.inference import ModelLoadError, OnnxModel, Segmentation
+from service.imaging import ImageDecodeError
+from service.inference import ModelLoadError, OnnxModel
+from service.pipeline import PhotoResult
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def predict_cli(args: argparse.Namespace) -> int:
             "with `dermaseg export`"
         )
     model = OnnxModel(model_path, providers=getattr(args, "providers", None) or ("cpu",))
-    segmenter = model.segmenter(batch_size=1)
+    pipeline = model.pipeline(batch_size=1)
     threshold = model.info.threshold if getattr(args, "threshold", None) is None else float(args.threshold)
     options = {
         "flip_tta": bool(getattr(args, "flip_tta", False)),
@@ -66,16 +66,15 @@ def predict_cli(args: argparse.Namespace) -> int:
     stems: set[str] = set()
     for path in tqdm(paths, desc="predict", unit="img", disable=None):
         try:
-            rgb = decode_image(path)
+            result = pipeline.run(path, threshold, **options, mask=True, probability=True)
         except ImageDecodeError as error:
             failures.append({"file": str(path), "code": error.code, "error": error.message})
         except OSError as error:  # unreadable file: permissions, vanished, a folder …
             failures.append({"file": str(path), "code": "unreadable_file", "error": f"{path}: {error}"})
         else:
-            result = segmenter.segment([rgb], threshold, **options)[0]
             stem = _unique_stem(path.stem, stems)
             _write_outputs(out, stem, result)
-            entries.append(_entry(path, stem, rgb, result, pixel_spacing, model.providers))
+            entries.append(_entry(path, stem, result, pixel_spacing, model.providers))
             continue
         tqdm.write(f"skipped {failures[-1]['error']}", file=sys.stderr)
 
@@ -124,26 +123,26 @@ def _unique_stem(stem: str, taken: set[str]) -> str:
     return candidate
 
 
-def _write_outputs(out: Path, stem: str, result: Segmentation) -> None:
-    (out / f"{stem}_mask.png").write_bytes(encode_png(result.mask))
-    probability = np.clip(np.rint(result.probability * 255.0), 0, 255).astype(np.uint8)
-    (out / f"{stem}_probability.png").write_bytes(encode_png(probability))
+def _write_outputs(out: Path, stem: str, result: PhotoResult) -> None:
+    assert result.encoded.mask_png is not None and result.encoded.probability_png is not None
+    (out / f"{stem}_mask.png").write_bytes(result.encoded.mask_png)
+    (out / f"{stem}_probability.png").write_bytes(result.encoded.probability_png)
 
 
 def _entry(
     path: Path,
     stem: str,
-    rgb: np.ndarray,
-    result: Segmentation,
+    photo: PhotoResult,
     pixel_spacing: float | None,
     providers: Sequence[str],
 ) -> dict[str, Any]:
+    result = photo.segmentation
     bbox = result.bbox
     return {
         "file": str(path),
         "mask": f"{stem}_mask.png",
         "probability": f"{stem}_probability.png",
-        "size": {"width": int(rgb.shape[1]), "height": int(rgb.shape[0])},
+        "size": {"width": photo.width, "height": photo.height},
         "found": result.found,
         "area_px": result.area_px,
         "area_fraction": round(result.area_fraction, 6),

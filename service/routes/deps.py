@@ -1,6 +1,6 @@
 """What the routes share: the served model, the inference slots, the settings, the API-key check.
 
-Each is a typed dependency (``SegmenterDep = Annotated[Segmenter, Depends(get_segmenter)]``) reading the
+Each is a typed dependency (``PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]``) reading the
 app's state, which the lifespan fills in (``service.main``).
 """
 
@@ -18,8 +18,9 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from service.config import Settings
 from service.errors import ServiceError
-from service.inference import ModelInfo, Segmenter
+from service.inference import ModelInfo
 from service.observability import Metrics
+from service.pipeline import Pipeline
 
 #: ``app.state.not_ready_reason`` as the app starts; None once loaded, warmed up, on the providers required.
 NOT_LOADED = "the model is not loaded yet"
@@ -33,7 +34,7 @@ class ServedModel:
 
     Attributes:
         info: what the model says about itself.
-        segmenter: pre-processing, the ONNX Runtime session and post-processing.
+        pipeline: decode, pre-processing, the ONNX Runtime session, post-processing and encode.
         providers: the providers the session really runs on.
         requested_providers: the providers the settings asked for.
         sha256: of the ONNX file.
@@ -45,7 +46,7 @@ class ServedModel:
     """
 
     info: ModelInfo
-    segmenter: Segmenter
+    pipeline: Pipeline
     providers: list[str]
     requested_providers: list[str]
     sha256: str
@@ -139,8 +140,8 @@ def get_served_model(
     return served
 
 
-def get_segmenter(served: Annotated[ServedModel, Depends(get_served_model)]) -> Segmenter:
-    return served.segmenter
+def get_pipeline(served: Annotated[ServedModel, Depends(get_served_model)]) -> Pipeline:
+    return served.pipeline
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -148,7 +149,7 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 LimiterDep = Annotated[InferenceLimiter, Depends(get_limiter)]
 LoadedModelDep = Annotated[ServedModel, Depends(get_loaded_model)]
 ServedModelDep = Annotated[ServedModel, Depends(get_served_model)]
-SegmenterDep = Annotated[Segmenter, Depends(get_segmenter)]
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 
 _api_key_header = APIKeyHeader(
     name="X-API-Key",

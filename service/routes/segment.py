@@ -1,31 +1,30 @@
 """``POST /segment``: a photo in, the lesion's mask, probability map and measurements out.
 
-upload (in memory, size-capped) → inference slot (bounded; 503 when saturated) → in a worker thread:
-decode → preprocess → ONNX Runtime → postprocess → PNG encode. The event loop never decodes or infers.
+upload (in memory, size-capped) → inference slot (bounded; 503 when saturated) → in a worker thread, the
+pipeline (service.pipeline): decode → preprocess → ONNX Runtime → postprocess → PNG encode, each step
+timed. The event loop never decodes or infers.
 """
 
 from __future__ import annotations
 
 import base64
 import time
-from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import anyio.to_thread
-import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from service.errors import ServiceError
-from service.imaging import ImageDecodeError, decode_image, encode_png
-from service.inference import Segmentation, Segmenter, postprocess, preprocess
+from service.imaging import ImageDecodeError
 from service.observability import Metrics, request_state
+from service.pipeline import PhotoResult, Pipeline
 from service.routes.deps import (
     LimiterDep,
     MetricsDep,
-    SegmenterDep,
+    PipelineDep,
     ServedModelDep,
     SettingsDep,
     require_api_key,
@@ -123,81 +122,39 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@dataclass
-class _Outcome:
-    """What the worker thread hands back to the route."""
-
-    segmentation: Segmentation
-    height: int
-    width: int
-    mask_png: bytes | None
-    mask_base64: str | None
-    probability_base64: str | None
-    timings: dict[str, float] = field(default_factory=dict)
-
-
 def _b64(png: bytes | None) -> str | None:
     return base64.b64encode(png).decode("ascii") if png is not None else None
 
 
-def probability_to_uint8(probability: np.ndarray) -> np.ndarray:
-    """The confidence map's pixels: round(probability × 255) as uint8."""
-    pixels: np.ndarray = np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return pixels
-
-
-def _segment_photo(
-    segmenter: Segmenter,
+def run_pipeline(
+    pipeline: Pipeline,
     data: bytes,
+    options: SegmentOptions,
     *,
     max_pixels: int,
-    options: SegmentOptions,
-    want_mask: bool,
-    want_probability: bool,
-    base64_encode: bool,
+    mask: bool,
+    probability: bool,
     metrics: Metrics,
-    png_compress_level: int,
-) -> _Outcome:
-    """Decode → preprocess → session → postprocess → encode, timing each step (runs in a worker thread)."""
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
+) -> PhotoResult:
+    """The pipeline on one upload, in a worker thread: decode errors become 4xx, the session is timed.
 
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = (now - clock) * 1000.0
-        clock = now
-
+    Shared by ``POST /segment`` and the V2 inference route.
+    """
     try:
-        rgb = decode_image(data, max_pixels=max_pixels)
+        result = pipeline.run(
+            data,
+            options.threshold,
+            flip_tta=options.flip_tta,
+            largest_component=options.largest_component,
+            fill_holes=options.fill_holes,
+            mask=mask,
+            probability=probability,
+            max_pixels=max_pixels,
+        )
     except ImageDecodeError as error:
         raise ServiceError.from_decode_error(error) from None
-    lap("decode")
-    # The same three steps as Segmenter.segment, taken one by one so that the session is timed alone.
-    batch = preprocess(rgb, segmenter.input_size)[np.newaxis]
-    lap("preprocess")
-    probabilities = segmenter.probabilities(batch, flip_tta=options.flip_tta)
-    lap("inference")
-    metrics.inference_latency.observe(timings["inference"] / 1000.0)
-    height, width = rgb.shape[:2]
-    segmentation = postprocess(
-        probabilities[0],
-        (height, width),
-        options.threshold,
-        largest_component=options.largest_component,
-        fill_holes=options.fill_holes,
-    )
-    lap("postprocess")
-    mask_png = encode_png(segmentation.mask, png_compress_level) if want_mask else None
-    probability_png = (
-        encode_png(probability_to_uint8(segmentation.probability), png_compress_level)
-        if want_probability
-        else None
-    )
-    mask_base64 = _b64(mask_png) if base64_encode else None
-    probability_base64 = _b64(probability_png) if base64_encode else None
-    lap("encode")
-    return _Outcome(segmentation, height, width, mask_png, mask_base64, probability_base64, timings)
+    metrics.inference_latency.observe(result.times.ms["inference"] / 1000.0)
+    return result
 
 
 def _quality(accept: str, media_type: str) -> float:
@@ -269,7 +226,7 @@ def _server_timing(timings: dict[str, float]) -> str:
 async def segment(
     request: Request,
     served: ServedModelDep,
-    segmenter: SegmenterDep,
+    pipeline: PipelineDep,
     settings: SettingsDep,
     limiter: LimiterDep,
     metrics: MetricsDep,
@@ -298,20 +255,18 @@ async def segment(
     async with limiter.slot():
         slotted = time.perf_counter()
         outcome = await anyio.to_thread.run_sync(
-            lambda: _segment_photo(
-                segmenter,
+            lambda: run_pipeline(
+                pipeline,
                 upload.data,
+                options,
                 max_pixels=settings.max_pixels,
-                options=options,
-                want_mask=png_only or "mask" in wanted,
-                want_probability=not png_only and "probability" in wanted,
-                base64_encode=not png_only,
+                mask=png_only or "mask" in wanted,
+                probability=not png_only and "probability" in wanted,
                 metrics=metrics,
-                png_compress_level=settings.png_compress_level,
             )
         )
     timings = {"receive": (received - started) * 1000.0, "queue": (slotted - received) * 1000.0}
-    timings.update(outcome.timings)
+    timings.update(outcome.times.ms)
     timings["total"] = (time.perf_counter() - started) * 1000.0
     timings = {name: round(value, 2) for name, value in timings.items()}
     state["timings"] = timings
@@ -319,7 +274,7 @@ async def segment(
     headers = {"Server-Timing": _server_timing(timings)}
 
     if png_only:
-        assert outcome.mask_png is not None
+        assert outcome.encoded.mask_png is not None
         headers.update(
             {
                 "X-Lesion-Found": "true" if segmentation.found else "false",
@@ -327,7 +282,7 @@ async def segment(
                 "X-Model": f"{served.info.name}/{served.info.version}",
             }
         )
-        return Response(outcome.mask_png, media_type="image/png", headers=headers)
+        return Response(outcome.encoded.mask_png, media_type="image/png", headers=headers)
 
     bbox = segmentation.bbox
     body = SegmentResponse(
@@ -342,8 +297,8 @@ async def segment(
             area_mm2=segmentation.area_mm2(params.pixel_spacing_mm),
             bbox=BoundingBox(x=bbox[0], y=bbox[1], width=bbox[2], height=bbox[3]) if bbox else None,
         ),
-        mask_png=outcome.mask_base64,
-        probability_png=outcome.probability_base64,
+        mask_png=_b64(outcome.encoded.mask_png),
+        probability_png=_b64(outcome.encoded.probability_png),
         timings_ms=Timings(**timings),
     )
     return JSONResponse(body.model_dump(mode="json"), headers=headers)
