@@ -33,8 +33,10 @@ test: $(BIN)/.dev-deps ## run the whole test suite
 test-fast: $(BIN)/.dev-deps ## run the quick tests (no training, export or load run)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-lint: $(BIN)/.dev-deps ## ruff and hadolint
+lint: $(BIN)/.dev-deps ## ruff (lint and format), mypy --strict on the service, hadolint
 	$(BIN)/ruff check training service tests bench
+	$(BIN)/ruff format --check training service tests bench
+	$(BIN)/mypy --strict service
 	$(BIN)/hadolint Dockerfile
 
 openapi: $(BIN)/.dev-deps ## regenerate openapi/openapi.json from the app

@@ -116,8 +116,7 @@ def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
                         f"{name}: {width}x{height} pixels is over the limit of {max_pixels} pixels",
                     )
                 image.load()
-                image = ImageOps.exif_transpose(image)
-                rgb = _to_rgb(image)
+                rgb = _to_rgb(ImageOps.exif_transpose(image))
             finally:
                 Image.MAX_IMAGE_PIXELS = previous_limit
     except ImageDecodeError:

@@ -61,7 +61,8 @@ def import_onnxruntime() -> ModuleType:
     set_onnxruntime_environment()
     import onnxruntime
 
-    return onnxruntime
+    module: ModuleType = onnxruntime
+    return module
 
 
 def resolve_providers(requested: Sequence[str]) -> list[str]:

@@ -41,6 +41,7 @@ from service.pipeline import Pipeline
 from service.routes import health, model, segment
 from service.routes import metrics as metrics_routes
 from service.routes.deps import NOT_LOADED, SHUTTING_DOWN, WARMING_UP, InferenceLimiter, ServedModel
+from service.schemas import CardSource
 from service.server import header_deadline_protocol
 
 logger = logging.getLogger("dermaseg")
@@ -127,7 +128,7 @@ def load_served_model(settings: Settings) -> ServedModel:
     )
 
 
-def read_card(model_path: Path, sha256: str, embedded: dict[str, Any]) -> tuple[dict[str, Any], str]:
+def read_card(model_path: Path, sha256: str, embedded: dict[str, Any]) -> tuple[dict[str, Any], CardSource]:
     """The sidecar card ``NAME.json`` when it is about this file (same sha256), else the embedded one.
 
     The sidecar gathers what was learnt after the export (``dermaseg evaluate --card``); a sidecar that is

@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: Where the served model card comes from: the sidecar NAME.json beside the model, or the ONNX file itself.
+CardSource = Literal["sidecar", "embedded"]
+
 #: Example values used in the OpenAPI document.
 _EXAMPLE_MODEL: dict[str, Any] = {"name": "dermaseg-resnet50v2-unet", "version": "1.0.0"}
 _EXAMPLE_PROVIDERS: list[Any] = ["CPUExecutionProvider"]
@@ -267,5 +270,5 @@ class ModelCard(BaseModel):
         description="The model card: the sidecar NAME.json beside the model when its sha256 is this file's "
         "(it carries the evaluations made after the export), else the one embedded in the ONNX metadata."
     )
-    card_source: Literal["sidecar", "embedded"] = Field(description="Where `card` comes from.")
+    card_source: CardSource = Field(description="Where `card` comes from.")
     metadata: dict[str, str] = Field(description="Other ONNX metadata_props.")

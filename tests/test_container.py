@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ def hadolint_binary() -> str | None:
     found = shutil.which("hadolint")
     if found:
         return found
-    beside_python = Path(__import__("sys").executable).parent / "hadolint"
+    beside_python = Path(sys.executable).parent / "hadolint"
     return str(beside_python) if beside_python.is_file() else None
 
 
@@ -82,6 +83,17 @@ def test_dockerignore_keeps_the_context_small() -> None:
     lines = (REPO / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("*")] == "*"
     assert {"!pyproject.toml", "!service/", "!training/", "!models/"} <= set(lines)
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    """check-jsonschema's vendored Compose specification schema: no network needed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from service.errors import ServiceError
 from service.inference import ModelInfo
 from service.observability import Metrics
 from service.pipeline import Pipeline
+from service.schemas import CardSource
 
 #: ``app.state.not_ready_reason`` as the app starts; None once loaded, warmed up, on the providers required.
 NOT_LOADED = "the model is not loaded yet"
@@ -53,7 +54,7 @@ class ServedModel:
     not_ready_reason: str | None = None
     fallback: bool = False
     card: dict[str, Any] = field(default_factory=dict)
-    card_source: str = "embedded"
+    card_source: CardSource = "embedded"
 
 
 class InferenceLimiter:
