@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from service.imaging import DEFAULT_MAX_PIXELS, decode_image, encode_png, resize_image, resize_probability
+from service.imaging import (
+    DEFAULT_MAX_PIXELS,
+    Photo,
+    decode_photo,
+    encode_png,
+    probability_to_uint8,
+    resize_image,
+    resize_probability,
+)
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -158,12 +166,6 @@ def postprocess(
     return Segmentation(mask=mask, probability=full, threshold=threshold)
 
 
-def probability_to_uint8(probability: np.ndarray) -> np.ndarray:
-    """The confidence map's pixels: round(probability × 255) as uint8."""
-    pixels: np.ndarray = np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return pixels
-
-
 class Pipeline:
     """Decode, preprocess, a predict function, postprocess and encode: a photo in, its mask out.
 
@@ -191,13 +193,18 @@ class Pipeline:
 
     # --- the steps --------------------------------------------------------------------------------------
 
-    def decode(self, source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-        """The photo as uint8 RGB ``(H, W, 3)``, EXIF orientation applied (see :func:`decode_image`)."""
-        return decode_image(source, max_pixels=max_pixels)
+    def decode(self, source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
+        """The photo, a JPEG decoded only as large as the network's input needs (see :func:`decode_photo`)."""
+        return decode_photo(source, max_pixels=max_pixels, at_least=self.input_size)
 
-    def preprocess(self, photos: Sequence[np.ndarray]) -> np.ndarray:
-        """The network's float32 input batch ``(N, h, w, 3)`` for uint8 RGB photos of any size."""
-        return np.stack([preprocess(photo, self.input_size) for photo in photos])
+    def preprocess(self, photos: Sequence[Photo | np.ndarray]) -> np.ndarray:
+        """The network's float32 input batch ``(N, h, w, 3)`` for photos of any size."""
+        return np.stack(
+            [
+                preprocess(photo.pixels if isinstance(photo, Photo) else photo, self.input_size)
+                for photo in photos
+            ]
+        )
 
     def infer(self, batch: np.ndarray, flip_tta: bool = False) -> np.ndarray:
         """Runs the network on a preprocessed batch; returns ``(N, h, w)`` float32 probabilities.
@@ -265,15 +272,15 @@ class Pipeline:
         """
         times = StepTimes()
         with times.step("decode"):
-            rgb = self.decode(source, max_pixels)
+            photo = self.decode(source, max_pixels)
         with times.step("preprocess"):
-            batch = self.preprocess([rgb])
+            batch = self.preprocess([photo])
         with times.step("inference"):
             probabilities = self.infer(batch, flip_tta=flip_tta)
         with times.step("postprocess"):
             segmentation = self.postprocess(
                 probabilities[0],
-                rgb.shape[:2],
+                photo.size,
                 threshold,
                 largest_component=largest_component,
                 fill_holes=fill_holes,
@@ -284,7 +291,7 @@ class Pipeline:
 
     def segment(
         self,
-        photos: Sequence[np.ndarray],
+        photos: Sequence[Photo | np.ndarray],
         threshold: float | None = None,
         *,
         flip_tta: bool = False,
@@ -292,7 +299,7 @@ class Pipeline:
         fill_holes: bool = False,
         times: StepTimes | None = None,
     ) -> list[Segmentation]:
-        """Segments decoded uint8 RGB photos of any size in batches; each result is at its photo's size."""
+        """Segments decoded photos (or uint8 RGB arrays) of any size in batches, each at its own size."""
         times = times or StepTimes()
         results: list[Segmentation] = []
         for start in range(0, len(photos), self.batch_size):
@@ -306,7 +313,7 @@ class Pipeline:
                     results.append(
                         self.postprocess(
                             prob,
-                            photo.shape[:2],
+                            photo.size if isinstance(photo, Photo) else photo.shape[:2],
                             threshold,
                             largest_component=largest_component,
                             fill_holes=fill_holes,

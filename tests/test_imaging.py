@@ -14,8 +14,10 @@ from PIL import Image
 from service.imaging import (
     ImageDecodeError,
     decode_image,
+    decode_photo,
     encode_png,
     load_mask,
+    probability_to_uint8,
     resize_image,
     resize_mask,
     resize_probability,
@@ -252,3 +254,58 @@ def test_load_mask_binarizes_at_128(tmp_path: Path):
         mask = load_mask(tmp_path / name)
         assert mask.dtype == bool
         assert mask.tolist() == [[False, False, True, True]]
+
+
+# --- decode_photo: a JPEG decoded only as large as the network needs ---------------------------------------
+
+
+def test_jpeg_is_decoded_at_the_smallest_dct_scale_that_still_covers_the_input():
+    data = encode(Image.fromarray(quadrants(400, 640)), "JPEG", quality=95)
+
+    photo = decode_photo(data, at_least=(48, 48))
+
+    assert photo.size == (400, 640)
+    # 640 // 48 = 13, 400 // 48 = 8: libjpeg's largest scale is 1/8.
+    assert photo.pixels.shape == (50, 80, 3)
+    assert tuple(photo.pixels[10, 10]) == pytest.approx((255, 0, 0), abs=30)
+    assert tuple(photo.pixels[40, 70]) == pytest.approx((255, 255, 0), abs=30)
+    # Without a target, or for a target as large as the photo, nothing is reduced.
+    assert decode_photo(data).pixels.shape == (400, 640, 3)
+    assert decode_photo(data, at_least=(400, 400)).pixels.shape == (400, 640, 3)
+
+
+def test_reduced_jpeg_keeps_the_exif_orientation_and_the_rotated_size():
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # stored rotated: display turns it 90° clockwise
+    data = encode(Image.fromarray(quadrants(320, 480)), "JPEG", exif=exif.tobytes(), quality=95)
+
+    photo = decode_photo(data, at_least=(40, 40))
+
+    assert photo.size == (480, 320)
+    assert photo.pixels.shape == (60, 40, 3)
+    np.testing.assert_array_equal(decode_photo(data).pixels.shape, (480, 320, 3))
+    assert tuple(photo.pixels[5, -5]) == pytest.approx((255, 0, 0), abs=30)
+
+
+def test_formats_without_dct_scaling_decode_whole_and_keep_the_guards():
+    png = encode(Image.fromarray(quadrants(100, 160)), "PNG")
+    photo = decode_photo(png, at_least=(16, 16))
+    assert photo.pixels.shape == (100, 160, 3)
+    assert photo.size == (100, 160)
+    jpeg = encode(Image.fromarray(quadrants(100, 160)), "JPEG")
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_photo(jpeg, max_pixels=15_999, at_least=(16, 16))
+    assert caught.value.code == "image_too_large"
+
+
+def test_probability_to_uint8_rounds_like_numpy():
+    probability = np.random.default_rng(4).random((64, 64), dtype=np.float32)
+    probability[0, :4] = (0.0, 1.0, 0.5 / 255, 1.5 / 255)
+    expected = np.rint(probability * 255.0).astype(np.uint8)
+    np.testing.assert_array_equal(probability_to_uint8(probability), expected)
+
+
+def test_resize_probability_matches_pillows_bilinear_upsampling():
+    probability = np.random.default_rng(5).random((12, 12), dtype=np.float32)
+    pillow = np.asarray(Image.fromarray(probability, mode="F").resize((100, 75), Image.Resampling.BILINEAR))
+    np.testing.assert_allclose(resize_probability(probability, (75, 100)), np.clip(pillow, 0, 1), atol=1e-5)

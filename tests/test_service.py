@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.config import Settings
-from service.imaging import decode_image
 from service.inference import OnnxModel
 from service.main import create_app
 from service.pipeline import Pipeline
@@ -227,7 +226,7 @@ def test_mask_agrees_with_the_inference_core(
     query = {key: str(value).lower() for key, value in options.items()}
     body = client.post("/segment", params=query, files=upload(photo)).json()
     pipeline = OnnxModel(model_path).pipeline()
-    direct = pipeline.segment([decode_image(photo)], **options)[0]
+    direct = pipeline.segment([pipeline.decode(photo)], **options)[0]
     np.testing.assert_array_equal(png_array(body["mask_png"]) > 0, direct.mask)
     expected_probability = np.rint(direct.probability * 255).astype(np.uint8)
     np.testing.assert_array_equal(png_array(body["probability_png"]), expected_probability)

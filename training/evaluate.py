@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from service.imaging import load_mask
+from service.imaging import decode_image, load_mask
 from service.inference import OnnxModel
 from service.pipeline import DEFAULT_THRESHOLD, Pipeline, Segmentation
 from training.data import DataError, Sample, load_samples, load_split
@@ -122,16 +122,17 @@ def evaluate(
         results = pipeline.segment(
             images, threshold, flip_tta=flip_tta, largest_component=largest_component, fill_holes=fill_holes
         )
-        for sample, image, result in zip(chunk, images, results, strict=True):
+        for sample, photo, result in zip(chunk, images, results, strict=True):
             truth = load_mask(sample.mask_path)
             if truth.shape != result.mask.shape:
                 raise DataError(
-                    f"{sample.mask_path}: mask is {truth.shape[::-1]} but image {image.shape[1::-1]} (w, h)"
+                    f"{sample.mask_path}: mask is {truth.shape[::-1]} but image {photo.size[::-1]} (w, h)"
                 )
             scores = accumulator.add(sample.id, result.mask, truth)
             if overlays is not None:
                 title = f"{sample.id}  Dice {scores['dice']:.3f}"
-                save_overlay(overlays / f"{sample.id}.png", image, truth, result, title)
+                full = decode_image(sample.image_path)  # the figure shows the photo at its own size
+                save_overlay(overlays / f"{sample.id}.png", full, truth, result, title)
         progress.update(len(chunk))
     progress.close()
 
