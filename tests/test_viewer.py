@@ -36,7 +36,9 @@ from tests.conftest import SHARED_DATA, make_lesion
 REPO = Path(__file__).resolve().parents[1]
 #: Screenshots, as test artifacts (runs/ is not committed).
 ARTIFACTS = REPO / "runs" / "viewer"
-REAL_PHOTO = SHARED_DATA / "samples" / "images" / "ISIC_0009995.jpg"
+#: Real sample photos (JPEG from ISIC, BMP from PH2): the README's picture is the PH2 one's screenshot.
+REAL_PHOTOS = {"ISIC_0009995.jpg": "image/jpeg", "IMD003.bmp": "image/bmp"}
+SAMPLES = SHARED_DATA / "samples" / "images"
 API_KEY = "viewer-test-key-5f1c"
 #: The keyed service's byte limit: small, so that a 413 is cheap to provoke.
 KEYED_UPLOAD_LIMIT = 400_000
@@ -191,10 +193,11 @@ def synthetic_photo(tmp_path_factory: pytest.TempPathFactory) -> Photo:
     return Photo(path, "image/png")
 
 
-def _real_photo() -> Photo:
-    if not REAL_PHOTO.is_file():
-        pytest.skip(f"real sample photo not found at {REAL_PHOTO} (../shared/data beside the checkout)")
-    return Photo(REAL_PHOTO, "image/jpeg")
+def _real_photo(name: str) -> Photo:
+    path = SAMPLES / name
+    if not path.is_file():
+        pytest.skip(f"real sample photo not found at {path} (../shared/data beside the checkout)")
+    return Photo(path, REAL_PHOTOS[name])
 
 
 def _wait(driver: Any, condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
@@ -278,7 +281,9 @@ def _check_against_api(driver: Any, answer: dict[str, Any]) -> None:
     overlay = _canvas(driver, "overlay")
     height, width = answer["image"]["height"], answer["image"]["width"]
     assert overlay.shape == (height, width, 4)
-    outline_width = int(driver.execute_script("return document.getElementById('overlay').dataset.outlineWidth"))
+    outline_width = int(
+        driver.execute_script("return document.getElementById('overlay').dataset.outlineWidth")
+    )
     assert outline_width >= 1
     wanted = expected_outline(_png(answer["mask_png"]), outline_width)
     drawn = overlay[..., 3] > 0
@@ -302,11 +307,11 @@ def _screenshot(driver: Any, name: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("source", ["synthetic", "real"])
+@pytest.mark.parametrize("source", ["synthetic", *REAL_PHOTOS])
 def test_the_outline_drawn_is_the_api_mask_and_the_area_is_the_api_area(
     browser: Any, service: ServiceProcess, synthetic_photo: Photo, source: str
 ) -> None:
-    photo = synthetic_photo if source == "synthetic" else _real_photo()
+    photo = synthetic_photo if source == "synthetic" else _real_photo(source)
     _open(browser, service)
     assert _upload(browser, photo.path) == "done"
     answer = _api(service, photo)
@@ -314,7 +319,7 @@ def test_the_outline_drawn_is_the_api_mask_and_the_area_is_the_api_area(
     _check_against_api(browser, answer.json())
     # The photo itself is drawn under the outline, at the same resolution.
     assert _canvas(browser, "image").shape[:2] == _canvas(browser, "overlay").shape[:2]
-    _screenshot(browser, f"viewer-{source}.png")
+    _screenshot(browser, f"viewer-{Path(source).stem}.png")
 
 
 def test_options_and_pixel_spacing_go_to_the_api(
@@ -329,7 +334,9 @@ def test_options_and_pixel_spacing_go_to_the_api(
     # Keyboard only: focus the box and press space.
     _rerun(browser, lambda: browser.find_element(By.ID, "fill-holes").send_keys(Keys.SPACE))
     _rerun(browser, lambda: browser.find_element(By.ID, "largest-component").send_keys(Keys.SPACE))
-    answer = _api(service, synthetic_photo, pixel_spacing_mm="0.02", fill_holes="true", largest_component="true")
+    answer = _api(
+        service, synthetic_photo, pixel_spacing_mm="0.02", fill_holes="true", largest_component="true"
+    )
     body = answer.json()
     assert body["lesion"]["area_mm2"] is not None
     assert "mm²" in _text(browser, "area")
@@ -453,6 +460,14 @@ def test_a_phone_sized_viewport_and_the_keyboard_reach_every_control(
         assert overflow <= 0, f"the page is {overflow} px wider than a phone's viewport"
         stage_width = browser.execute_script("return document.getElementById('overlay').clientWidth")
         assert 200 < stage_width <= 390
+        # The photo comes right after the picker, before the options.
+        below_picker = browser.execute_script(
+            "const top = (id) => document.getElementById(id).getBoundingClientRect().top;"
+            "return [top('drop') < top('overlay'), top('overlay') < top('threshold')]"
+        )
+        assert below_picker == [True, True]
+        browser.execute_script("document.getElementById('drop').scrollIntoView()")
+        _screenshot(browser, "viewer-phone.png")
         browser.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
         reached = []
         for _ in range(40):
@@ -460,6 +475,5 @@ def test_a_phone_sized_viewport_and_the_keyboard_reach_every_control(
             reached.append(browser.execute_script("return document.activeElement.id"))
         missing = [control for control in CONTROLS if control not in reached]
         assert not missing, f"not reachable with Tab: {missing} (reached {reached})"
-        _screenshot(browser, "viewer-phone.png")
     finally:
         browser.set_window_size(1360, 900)
