@@ -477,3 +477,31 @@ def test_a_phone_sized_viewport_and_the_keyboard_reach_every_control(
         assert not missing, f"not reachable with Tab: {missing} (reached {reached})"
     finally:
         browser.set_window_size(1360, 900)
+
+
+def test_the_review_flag_is_shown_when_the_answer_has_it(
+    browser: Any, service: ServiceProcess, synthetic_photo: Photo
+) -> None:
+    # The quality block (issue 14's contract) added to the real answer by a wrapped fetch, until the
+    # service sends it itself; without it the block stays hidden.
+    _open(browser, service)
+    assert _upload(browser, synthetic_photo.path) == "done"
+    assert browser.execute_script("return document.getElementById('quality').hidden")
+    _open(browser, service)
+    browser.execute_script(
+        """
+        const realFetch = window.fetch;
+        window.fetch = async (...args) => {
+          const response = await realFetch(...args);
+          if (!String(args[0]).startsWith("/segment") || !response.ok) return response;
+          const body = await response.json();
+          body.quality = { estimated_jaccard: 0.612, review_recommended: true, reasons: ["low confidence"] };
+          return new Response(JSON.stringify(body), { status: 200, headers: response.headers });
+        };
+        """
+    )
+    assert _upload(browser, synthetic_photo.path) == "done"
+    assert not browser.execute_script("return document.getElementById('quality').hidden")
+    assert _text(browser, "estimated-jaccard") == "0.61"
+    assert "Review recommended" in _text(browser, "review")
+    assert _text(browser, "review-reasons") == "low confidence"
