@@ -24,7 +24,8 @@ $(BIN)/.dev-deps: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[train,dev]"
 	touch $(BIN)/.serve-deps $@
 
-serve: $(BIN)/.serve-deps ## serve the shipped model on http://$(HOST):$(PORT)
+serve: $(BIN)/.serve-deps ## serve the shipped model on http://$(HOST):$(PORT) (the viewer page at /)
+	@echo "DermaSeg: open http://$(HOST):$(PORT)/ for the viewer page (POST /segment for the API)"
 	$(BIN)/dermaseg serve --host $(HOST) --port $(PORT)
 
 test: $(BIN)/.dev-deps ## run the whole test suite
@@ -94,11 +95,13 @@ report: $(BIN)/.dev-deps ## write docs/results.md from the run directories in ru
 
 SMOKE_PHOTO ?= $(DATA)/samples/images/ISIC_0009995.jpg
 
-# The probes: ready; a real photo segmented (JSON and PNG); a text file refused with 400; the docs pages off;
-# metrics; the process runs as uid 10001, not root; nothing in the container's /tmp (no telemetry file).
+# The probes: ready; the viewer page served; a real photo segmented (JSON and PNG); a text file refused with
+# 400; the docs pages off; metrics; the process runs as uid 10001, not root; nothing in the container's /tmp
+# (no telemetry file).
 SMOKE_CONTAINER = $$(podman ps -q --filter ancestor=localhost/container-smoke:latest | head -n 1)
 smoke: ## build the container and probe it (needs ../shared/tools/container-smoke)
 	../shared/tools/container-smoke -- 'curl -fsS $$URL/health/ready' \
+	  'curl -fsS $$URL/ | grep -q "<canvas id=\"overlay\""' \
 	  'curl -fsS -F file=@$(SMOKE_PHOTO) "$$URL/segment?outputs=" | grep -q "\"found\":true"' \
 	  'curl -fsS -F file=@$(SMOKE_PHOTO) -H "Accept: image/png" $$URL/segment | head -c 8 | grep -q PNG' \
 	  'test "$$(curl -s -o /dev/null -w "%{http_code}" -F file=@README.md $$URL/segment)" = 400' \

@@ -147,6 +147,11 @@ class Settings(BaseSettings):
         description="Serve /docs, /redoc and /openapi.json (off by default: the contract is "
         "openapi/openapi.json in the repository).",
     )
+    viewer: bool = Field(
+        default=True,
+        description="Serve the viewer page at / (a static page, same origin only, that calls /segment with "
+        "the same API keys as any client; docs/security.md says why it is on by default).",
+    )
     log_level: LogLevel = Field(default="INFO", description="Logging level.")
 
     http: Literal["auto", "h11", "httptools"] = Field(

@@ -38,7 +38,7 @@ from service.inference import (
 )
 from service.observability import Metrics, RequestMiddleware, configure_logging, silence_payload_loggers
 from service.pipeline import Pipeline
-from service.routes import health, model, segment
+from service.routes import health, model, segment, viewer
 from service.routes import metrics as metrics_routes
 from service.routes.deps import NOT_LOADED, SHUTTING_DOWN, WARMING_UP, InferenceLimiter, ServedModel
 from service.schemas import CardSource
@@ -269,6 +269,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(model.router)
     app.include_router(health.router)
     app.include_router(metrics_routes.router)
+    if settings.viewer:
+        app.include_router(viewer.build_router())
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
