@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 import numpy as np
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -94,10 +94,35 @@ _UNAUTHORIZED = _error("unauthorized: API keys are configured and none valid was
 _NOT_FOUND = _error("unknown_model: no such model or version here (the model is dermaseg).")
 _NOT_READY = _error("not_ready: the model is still loading.", **_RETRY_AFTER)
 
-ModelName = Annotated[
-    str, Path(description="The model's name: dermaseg.", json_schema_extra={"enum": [MODEL_NAME]})
-]
-ModelVersion = Annotated[str, Path(description="The served model's version (GET /v2/models/dermaseg).")]
+
+def _model_name(request: Request) -> str:
+    return str(request.path_params["model_name"])
+
+
+def _model_version(request: Request) -> str:
+    return str(request.path_params["model_version"])
+
+
+# Read from the path by hand and declared below: a path parameter FastAPI validates would add a 422 to the
+# contract that the protocol never answers (a wrong name or version is a 404 here).
+ModelName = Annotated[str, Depends(_model_name)]
+ModelVersion = Annotated[str, Depends(_model_version)]
+_NAME_PARAMETER = {
+    "name": "model_name",
+    "in": "path",
+    "required": True,
+    "description": "The model's name: dermaseg.",
+    "schema": {"type": "string", "enum": [MODEL_NAME]},
+}
+_VERSION_PARAMETER = {
+    "name": "model_version",
+    "in": "path",
+    "required": True,
+    "description": "The served model's version (GET /v2/models/dermaseg lists it).",
+    "schema": {"type": "string"},
+}
+_NAMED: dict[str, Any] = {"parameters": [_NAME_PARAMETER]}
+_VERSIONED: dict[str, Any] = {"parameters": [_NAME_PARAMETER, _VERSION_PARAMETER]}
 
 
 def _check_model(served: ServedModel | None, model_name: str, model_version: str | None) -> None:
@@ -175,6 +200,7 @@ _METADATA_RESPONSES: dict[int | str, dict[str, Any]] = {401: _UNAUTHORIZED, 404:
 @router.get(
     "/models/{model_name}",
     operation_id="v2_model_metadata",
+    openapi_extra=_NAMED,
     response_model=oip.ModelMetadata,
     responses=_METADATA_RESPONSES,
     dependencies=[Depends(require_api_key)],
@@ -188,6 +214,7 @@ async def model_metadata(model_name: ModelName, served: LoadedModelDep) -> oip.M
 @router.get(
     "/models/{model_name}/versions/{model_version}",
     operation_id="v2_model_version_metadata",
+    openapi_extra=_VERSIONED,
     response_model=oip.ModelMetadata,
     responses=_METADATA_RESPONSES,
     dependencies=[Depends(require_api_key)],
@@ -216,6 +243,7 @@ def _model_ready(request: Request, model_name: str, model_version: str | None) -
 @router.get(
     "/models/{model_name}/ready",
     operation_id="v2_model_ready",
+    openapi_extra=_NAMED,
     response_model=oip.ModelReady,
     responses=_READY_RESPONSES,
 )
@@ -227,6 +255,7 @@ async def model_ready(request: Request, model_name: ModelName) -> JSONResponse:
 @router.get(
     "/models/{model_name}/versions/{model_version}/ready",
     operation_id="v2_model_version_ready",
+    openapi_extra=_VERSIONED,
     response_model=oip.ModelReady,
     responses=_READY_RESPONSES,
 )
@@ -493,7 +522,7 @@ async def _infer(
     operation_id="v2_infer",
     response_model=oip.InferResponse,
     responses=_INFER_RESPONSES,
-    openapi_extra={"requestBody": _INFER_BODY},
+    openapi_extra={"requestBody": _INFER_BODY, **_NAMED},
     dependencies=[Depends(require_api_key)],
 )
 async def infer(
@@ -514,7 +543,7 @@ async def infer(
     operation_id="v2_model_version_infer",
     response_model=oip.InferResponse,
     responses=_INFER_RESPONSES,
-    openapi_extra={"requestBody": _INFER_BODY},
+    openapi_extra={"requestBody": _INFER_BODY, **_VERSIONED},
     dependencies=[Depends(require_api_key)],
 )
 async def infer_version(
