@@ -45,6 +45,9 @@ from service.server import header_deadline_protocol
 
 logger = logging.getLogger("dermaseg")
 
+#: Seconds uvicorn lets requests in flight finish after SIGTERM (Kubernetes' grace period covers it).
+GRACEFUL_SHUTDOWN_S = 10
+
 DESCRIPTION = """Skin-lesion segmentation of dermoscopic photos (research use, not for diagnosis).
 
 Upload a photo to `POST /segment` as multipart/form-data (field `file`); the answer holds the lesion's
@@ -327,7 +330,7 @@ def serve(
         log_config=None,  # keep configure_logging's format for uvicorn's own lines
         access_log=False,  # RequestMiddleware writes the access log (with request ids, without queries)
         server_header=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         http=header_deadline_protocol(settings.http, settings.header_timeout_s),
         loop=settings.loop,
     )
