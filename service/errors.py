@@ -24,8 +24,12 @@ logger = logging.getLogger("dermaseg.errors")
 ERROR_CODES: dict[str, int] = {
     "undecodable_image": 400,
     "malformed_request": 400,
+    # The Open Inference Protocol's (/v2, service.routes.v2): its request is malformed, or lacks the image.
+    "invalid_inference_request": 400,
+    "missing_input": 400,
     "unauthorized": 401,
     "not_found": 404,
+    "unknown_model": 404,
     "method_not_allowed": 405,
     "not_acceptable": 406,
     "request_timeout": 408,

@@ -38,13 +38,16 @@ from service.inference import (
 )
 from service.observability import Metrics, RequestMiddleware, configure_logging, silence_payload_loggers
 from service.pipeline import Pipeline
-from service.routes import health, model, segment, viewer
+from service.routes import health, model, segment, v2, viewer
 from service.routes import metrics as metrics_routes
 from service.routes.deps import NOT_LOADED, SHUTTING_DOWN, WARMING_UP, InferenceLimiter, ServedModel
 from service.schemas import CardSource
 from service.server import header_deadline_protocol
 
 logger = logging.getLogger("dermaseg")
+
+#: Seconds uvicorn lets requests in flight finish after SIGTERM (Kubernetes' grace period covers it).
+GRACEFUL_SHUTDOWN_S = 10
 
 DESCRIPTION = """Skin-lesion segmentation of dermoscopic photos (research use, not for diagnosis).
 
@@ -53,6 +56,12 @@ mask and probability map as PNGs the size of the photo, its area and bounding bo
 `{"error": {"code": "...", "message": "..."}}` with a stable code. When the service is configured with
 API keys, `/segment` and `/v1/model` need `X-API-Key` or `Authorization: Bearer`; health and metrics are
 always open.
+
+The same model also speaks the Open Inference Protocol (KServe V2 / Triton HTTP) under `/v2`, as model
+`dermaseg`: `POST /v2/models/dermaseg/infer` with input `image` (BYTES `[1]`, the photo; base64 in JSON,
+raw with the binary tensor extension), outputs `mask`, `probability` and `area_px`. Its errors are the
+protocol's `{"error": "...", "code": "..."}`; its infer and model metadata need the API key, its health
+and readiness routes do not.
 """
 
 OPENAPI_TAGS = [
@@ -60,6 +69,10 @@ OPENAPI_TAGS = [
     {"name": "model", "description": "The served model."},
     {"name": "health", "description": "Liveness and readiness probes."},
     {"name": "metrics", "description": "Prometheus metrics."},
+    {
+        "name": "open inference protocol",
+        "description": "The KServe V2 / Triton HTTP API (JSON and binary tensors), beside /segment.",
+    },
 ]
 
 
@@ -269,6 +282,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(model.router)
     app.include_router(health.router)
     app.include_router(metrics_routes.router)
+    app.include_router(v2.router)
     if settings.viewer:
         app.include_router(viewer.build_router())
     if settings.cors_origins:
@@ -319,7 +333,7 @@ def serve(
         log_config=None,  # keep configure_logging's format for uvicorn's own lines
         access_log=False,  # RequestMiddleware writes the access log (with request ids, without queries)
         server_header=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         http=header_deadline_protocol(settings.http, settings.header_timeout_s),
         loop=settings.loop,
     )

@@ -14,6 +14,15 @@ OPERATIONS = {
     ("get", "/health/live"): "health_live",
     ("get", "/health/ready"): "health_ready",
     ("get", "/metrics"): "metrics",
+    ("get", "/v2"): "v2_server_metadata",
+    ("get", "/v2/health/live"): "v2_health_live",
+    ("get", "/v2/health/ready"): "v2_health_ready",
+    ("get", "/v2/models/{model_name}"): "v2_model_metadata",
+    ("get", "/v2/models/{model_name}/versions/{model_version}"): "v2_model_version_metadata",
+    ("get", "/v2/models/{model_name}/ready"): "v2_model_ready",
+    ("get", "/v2/models/{model_name}/versions/{model_version}/ready"): "v2_model_version_ready",
+    ("post", "/v2/models/{model_name}/infer"): "v2_infer",
+    ("post", "/v2/models/{model_name}/versions/{model_version}/infer"): "v2_model_version_infer",
 }
 
 
@@ -60,3 +69,16 @@ def test_errors_are_declared_with_the_common_shape() -> None:
     examples = spec["components"]["schemas"]["SegmentResponse"]["examples"]
     assert examples[0]["lesion"]["found"] is True
     assert json.loads(OPENAPI_PATH.read_text())["info"]["title"] == "DermaSeg"
+
+
+def test_v2_errors_have_the_protocol_shape() -> None:
+    spec = build_openapi()
+    infer = spec["paths"]["/v2/models/{model_name}/infer"]["post"]
+    assert set(infer["responses"]) == {"200", "400", "401", "404", "408", "413", "503"}
+    for status, response in infer["responses"].items():
+        if status != "200":
+            schema = response["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/V2Error"}, status
+    assert set(infer["responses"]["200"]["content"]) == {"application/json", "application/octet-stream"}
+    assert "Inference-Header-Content-Length" in infer["responses"]["200"]["headers"]
+    assert spec["components"]["schemas"]["V2Error"]["required"] == ["error", "code"]

@@ -191,3 +191,36 @@ async def read_upload(
         content_type=content_type.decode("latin-1") if content_type is not None else None,
         fields={name.decode(): value.decode("utf-8", "replace") for name, value in form.fields.items()},
     )
+
+
+async def read_body(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """Reads a whole request body into memory under the same byte limit and deadline as :func:`read_upload`.
+
+    For bodies that are not multipart (the Open Inference Protocol's JSON or binary tensors).
+
+    Raises:
+        ServiceError: 413 ``payload_too_large``, 408 ``request_timeout``, 400 ``malformed_request`` when
+            the client disconnects or the body is compressed (Content-Encoding is not supported).
+    """
+    if request.headers.get("content-encoding", "identity").lower() != "identity":
+        raise ServiceError(400, "malformed_request", "compressed request bodies are not supported")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    body = bytearray()
+    try:
+        with anyio.fail_after(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise _too_large(max_bytes)
+    except TimeoutError:
+        raise ServiceError(
+            408,
+            "request_timeout",
+            f"the body did not arrive within {timeout_s:g} s ({len(body)} bytes received)",
+            headers={"Connection": "close"},
+        ) from None
+    except ClientDisconnect:
+        raise ServiceError(400, "malformed_request", "the client disconnected during the upload") from None
+    return bytes(body)
