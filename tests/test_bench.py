@@ -283,6 +283,8 @@ def test_steps_are_timed_side_by_side_round_after_round() -> None:
     assert timings["a"]["decode"].samples_ms == [5.0, 5.0, 5.0]
     assert timings["b"]["decode"].p50 == 2.0 and timings["b"]["inference"].n == 3
     assert set(last) == {"a", "b"}
+
+
 @pytest.mark.slow
 def test_quick_run_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     model = write_darkness_model(tmp_path / "tiny.onnx")
