@@ -44,12 +44,15 @@ openapi: $(BIN)/.dev-deps ## regenerate openapi/openapi.json from the app
 	$(BIN)/python -m service.openapi
 
 # The comparisons docs/performance.md shows: session threads and spinning; the service as shipped (intra-op
-# threads = CPUs / max_concurrency), with ONNX Runtime's own thread count, as it was before this benchmark's
-# changes (that thread count, Pillow's PNG level, h11 + asyncio), and answering with the mask alone.
+# threads = CPUs / max_concurrency), with ONNX Runtime's own thread count, answering with the mask alone, and
+# (issue 13) the 6 MP and 12 MP samples at concurrency 1. Release 1.0.0's code is timed beside the served
+# code in the pipeline section; the decode check (section 8) runs too. About 11–12 minutes on the 2-CPU box.
+SAMPLES ?= ../shared/data/samples/images
 BENCH_OPTS ?= --threads 0,1 --spinning default,off --service defaults: \
   --service ort-threads:intra_op_threads=0 \
-  --service before:intra_op_threads=0,png_compress_level=6,http=h11,loop=asyncio \
-  --service mask-only:query=outputs=mask
+  --service mask-only:query=outputs=mask \
+  --service 6mp:photo=$(SAMPLES)/ISIC_0012099.jpg,concurrency=1,requests=40 \
+  --service 12mp:photo=$(SAMPLES)/ISIC_0012383.jpg,concurrency=1,requests=30
 
 load: $(BIN)/.dev-deps ## the load run: 2,000 good and bad requests at concurrency 16, then a burst (runs/load.json)
 	$(BIN)/python -m tests.load_run --out runs/load.json $(LOAD_OPTS)

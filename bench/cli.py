@@ -1,10 +1,12 @@
 """``python -m bench``: runs every section on one photo and writes docs/performance.md.
 
 Sections (``--skip`` leaves any out): ``raw`` (ONNX Runtime session, batch 1/4/8/16), ``pipeline`` (the
-service's steps without HTTP, and faster alternatives), ``http`` (the service over loopback at several
-concurrencies, with its memory), ``variants`` (float32 / float16 / int8), ``flops`` (work per image
-against the CPU's peak) and ``keras`` (the same network in Keras, in a subprocess). TensorFlow is never
-imported into this process; the run fails rather than time ONNX Runtime beside it.
+service's steps without HTTP on the benchmark's photo and the large ones, release 1.0.0's code against the
+served), ``http`` (the service over loopback at several concurrencies, with its memory), ``variants``
+(float32 / float16 / int8), ``flops`` (work per image against the CPU's peak), ``keras`` (the same network
+in Keras, in a subprocess) and ``decode-check`` (the reduced JPEG decode's masks against the full
+decode's). TensorFlow is never imported into this process; the run fails rather than time ONNX Runtime
+beside it.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.decode_check import DEFAULT_ROOTS, bench_decode_check
 from bench.flops import count_flops
-from bench.http_load import ServiceConfig, bench_http
-from bench.inputs import DEFAULT_VALIDATION_ROOT, load_labelled_photos, load_photo
+from bench.http_load import HttpResult, ServiceConfig, bench_http
+from bench.inputs import DEFAULT_VALIDATION_ROOT, LARGE_PHOTOS, load_labelled_photos, load_photo, load_photos
 from bench.keras_compare import Architecture, run_keras_comparison
 from bench.machine import describe_machine, estimate_peak, measure_gemm_gflops, read_load
 from bench.pipeline import bench_pipeline
@@ -36,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "dermaseg.onnx"
 DEFAULT_CHECKPOINT = REPO_ROOT / "runs" / "release" / "best.keras"
 DEFAULT_OUT = REPO_ROOT / "docs" / "performance.md"
-SECTIONS = ("raw", "pipeline", "http", "variants", "flops", "keras")
+SECTIONS = ("raw", "pipeline", "http", "variants", "flops", "keras", "decode-check")
 
 
 def _int_list(text: str) -> list[int]:
@@ -47,6 +50,10 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 0:
         raise argparse.ArgumentTypeError(f"expected non-negative integers, not {text!r}")
     return values
+
+
+def _path_list(text: str) -> list[Path]:
+    return [] if text.strip().lower() == "none" else [Path(item) for item in text.split(",") if item.strip()]
 
 
 def _spinning_list(text: str) -> list[bool | None]:
@@ -82,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     parser.add_argument(
         "--photo", type=Path, default=None, help="default: ISIC_0009995.jpg of ../shared/data"
+    )
+    parser.add_argument(
+        "--large-photos",
+        type=_path_list,
+        default=list(LARGE_PHOTOS),
+        help="comma-separated photos the pipeline section measures besides --photo ('none': none); "
+        "default: the 6 MP and 12 MP samples of ../shared/data",
+    )
+    parser.add_argument(
+        "--decode-check-data",
+        type=Path,
+        action="append",
+        default=None,
+        help="dataset folders for the decode check, repeatable (default: ../shared/data/samples and ph2)",
     )
     parser.add_argument("--batches", type=_int_list, default=[1, 4, 8, 16], help="raw session batch sizes")
     parser.add_argument(
@@ -204,11 +225,17 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> BenchResults:
         results.raw = bench_raw(model_path, photo.rgb, args.batches, settings, effort)
     if "pipeline" not in skip:
         logger.info("pipeline steps …")
-        results.pipeline = bench_pipeline(OnnxModel(model_path), photo, effort)
+        large, missing = load_photos(args.large_photos)
+        results.pipeline = bench_pipeline(OnnxModel(model_path), [photo, *large], effort, missing)
     if "http" not in skip:
         for config in args.service or [ServiceConfig()]:
             logger.info("service over HTTP (%s) …", config.describe())
-            results.http.append(bench_http(model_path, photo, args.concurrency, config, effort, workdir))
+            if config.photo is not None and not config.photo.is_file():
+                error = f"skipped: the photo {config.photo} was not found"
+                results.http.append(HttpResult(config, photo=str(config.photo), error=error))
+                continue
+            own = load_photo(config.photo) if config.photo is not None else photo
+            results.http.append(bench_http(model_path, own, args.concurrency, config, effort, workdir))
     if "flops" not in skip:
         results.flops = count_flops(model_path)
         size, repeats = (1024, 3) if args.quick else (2048, 5)
@@ -252,6 +279,9 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> BenchResults:
                     zip(args.batches, time_session(pair, photo.rgb, args.batches, effort), strict=True)
                 )
         results.keras = keras
+    if "decode-check" not in skip:
+        logger.info("decode check …")
+        results.decode_check = bench_decode_check(model_path, args.decode_check_data or DEFAULT_ROOTS)
     results.skipped = sorted(skip)
     machine.load_end = read_load()
     return results

@@ -54,35 +54,53 @@ class ServiceConfig:
 
     Written on the command line as ``name:key=value,key=value`` (name optional), e.g.
     ``one-thread:max_concurrency=2,intra_op_threads=1`` or ``workers=2,intra_op_threads=1``; keys are
-    ``service.config.Settings`` fields (``max_concurrency``, ``intra_op_threads`` …), ``workers``, and
+    ``service.config.Settings`` fields (``max_concurrency``, ``intra_op_threads`` …), ``workers``,
     ``query``: the query string of every request (``query=outputs=mask`` asks for the mask alone, to
-    see what the probability PNG costs; join several parameters with ``&``).
+    see what the probability PNG costs; join several parameters with ``&``), and for loading the service
+    with another photo than the benchmark's: ``photo=PATH``, ``concurrency=N`` (several joined with
+    ``/``; default: the run's ``--concurrency``) and ``requests=N`` (per level; default: the effort's).
     """
 
     name: str = "defaults"
     settings: tuple[tuple[str, str], ...] = ()
     workers: int = 1
     query: str = ""
+    photo: Path | None = None
+    concurrency: tuple[int, ...] = ()
+    requests: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> ServiceConfig:
         name, _, rest = text.rpartition(":") if ":" in text else ("", "", text)
         settings: list[tuple[str, str]] = []
-        workers, query = 1, ""
+        workers, query, photo, concurrency, requests = 1, "", None, (), None
         for item in filter(None, (piece.strip() for piece in rest.split(","))):
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
                 raise ValueError(f"service setting {item!r} is not KEY=VALUE")
             key = key.strip().lower().removeprefix("dermaseg_")
             if key == "workers":
-                workers = int(value)
-                if workers < 1:
-                    raise ValueError("workers must be at least 1")
+                workers = _positive(key, value)
             elif key == "query":
                 query = value.strip().lstrip("?")
+            elif key == "photo":
+                photo = Path(value.strip())
+            elif key == "concurrency":
+                concurrency = tuple(_positive(key, level) for level in value.split("/"))
+            elif key == "requests":
+                requests = _positive(key, value)
             else:
                 settings.append((key, value.strip()))
-        return cls(name or rest or "defaults", tuple(settings), workers, query)
+        return cls(name or rest or "defaults", tuple(settings), workers, query, photo, concurrency, requests)
+
+    @property
+    def mask_only(self) -> bool:
+        """Whether the requests ask for the mask alone (``outputs=mask``), not the whole JSON answer."""
+        for pair in self.query.split("&"):
+            key, _, value = pair.partition("=")
+            if key == "outputs":
+                return value.replace("%2C", ",").split(",") == ["mask"]
+        return False
 
     def environment(self, model_path: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
         """The service's environment: this one without its DERMASEG_* and ORT_* variables (the service is
@@ -99,11 +117,23 @@ class ServiceConfig:
         pairs.append(f"workers={self.workers}")
         if self.query:
             pairs.append(f"requests to /segment?{self.query}")
+        if self.photo is not None:
+            pairs.append(f"photo {self.photo.name}")
         return ", ".join(pairs)
 
     @property
     def path(self) -> str:
         return f"/segment?{self.query}" if self.query else "/segment"
+
+
+def _positive(key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{key} must be an integer, not {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{key} must be at least 1")
+    return number
 
 
 def free_port() -> int:
@@ -258,6 +288,8 @@ class HttpResult:
     """All concurrency levels of one service configuration, and its memory."""
 
     config: ServiceConfig
+    #: The photo loaded (the benchmark's, or the configuration's own).
+    photo: str = ""
     url: str = ""
     ready_s: float | None = None
     levels: list[LevelResult] = field(default_factory=list)
@@ -354,8 +386,14 @@ def bench_http(
     effort: Effort,
     workdir: Path,
 ) -> HttpResult:
-    """Starts the service, warms it up, and loads it at each concurrency; the memory between levels."""
-    result = HttpResult(config)
+    """Starts the service, warms it up, and loads it at each concurrency; the memory between levels.
+
+    The configuration's own ``concurrency`` and ``requests``, where given, replace ``concurrencies`` and
+    the effort's; its ``photo`` is the caller's to load and pass as ``photo``.
+    """
+    result = HttpResult(config, photo=photo.description)
+    concurrencies = config.concurrency or concurrencies
+    requests = config.requests or effort.http_requests
     try:
         with running_service(model_path, config, workdir) as service:
             result.url, result.ready_s = service.url, service.ready_s
@@ -363,7 +401,7 @@ def bench_http(
             run_level(service.url, photo, 1, WARMUP_REQUESTS, effort.http_seconds, config.path)
             result.memory_warm = service.resident()
             for concurrency in concurrencies:
-                total = max(effort.http_requests, 2 * concurrency)
+                total = max(requests, 2 * concurrency)
                 level = run_level(service.url, photo, concurrency, total, effort.http_seconds, config.path)
                 level.memory_after = service.resident()
                 logger.info(

@@ -1,7 +1,8 @@
-"""The benchmark's inputs: the one real photo every figure is measured on, and validation photos.
+"""The benchmark's inputs: the photo every section is measured on, the large photos, validation photos.
 
 The photo is ``../shared/data/samples/images/ISIC_0009995.jpg`` (1024×768 JPEG) beside the checkout;
 where it is absent, a synthetic 1024×768 JPEG of a dark ellipse on skin stands in (the report says which).
+The large photos are the 6 MP and 12 MP samples beside it (sections 3 and 4 skip them when absent).
 Validation photos (with expert masks) come from the run's ``split.json`` validation side when known,
 otherwise from ``../shared/data/ph2``.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,11 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PHOTO_NAME = "ISIC_0009995.jpg"
 DEFAULT_PHOTO = SHARED_DATA / "samples" / "images" / PHOTO_NAME
 PHOTO_SIZE = (768, 1024)  # (height, width)
+#: The sizes clinics send: 3008×2000 (6 MP) and 4288×2848 (12 MP) dermatoscope photos.
+LARGE_PHOTOS = (
+    SHARED_DATA / "samples" / "images" / "ISIC_0012099.jpg",
+    SHARED_DATA / "samples" / "images" / "ISIC_0012383.jpg",
+)
 DEFAULT_VALIDATION_ROOT = SHARED_DATA / "ph2"
 SELECTION_SEED = 0
 
@@ -66,13 +73,32 @@ def load_photo(path: Path | None = None) -> Photo:
     """
     if path is not None:
         data = Path(path).read_bytes()
-        return Photo(data, decode_image(data), str(path), filename=Path(path).name)
+        return Photo(data, decode_image(data), _shown(Path(path)), filename=Path(path).name)
     if DEFAULT_PHOTO.is_file():
         data = DEFAULT_PHOTO.read_bytes()
         return Photo(data, decode_image(data), f"../shared/data/samples/images/{PHOTO_NAME}")
     logger.warning("%s not found: using a synthetic 1024×768 JPEG", DEFAULT_PHOTO)
     data = synthetic_photo()
     return Photo(data, decode_image(data), "synthetic 1024×768 JPEG (the sample photo was not found)")
+
+
+def load_photos(paths: Sequence[Path]) -> tuple[list[Photo], list[str]]:
+    """The photos at ``paths`` that exist, and a line for each one that does not."""
+    photos, missing = [], []
+    for path in paths:
+        if Path(path).is_file():
+            photos.append(load_photo(Path(path)))
+        else:
+            missing.append(f"{_shown(Path(path))} not found")
+    return photos, missing
+
+
+def _shown(path: Path) -> str:
+    """``path`` as ``../shared/data/…`` when it is there (the report's way of naming the data)."""
+    try:
+        return f"../shared/data/{path.resolve().relative_to(SHARED_DATA.resolve())}"
+    except ValueError:
+        return str(path)
 
 
 @dataclass

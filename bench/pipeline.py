@@ -1,136 +1,244 @@
-"""Section 3: the service's steps, in this process and without HTTP, and faster alternatives to some.
+"""Section 3: the service's steps in this process (no HTTP), release 1.0.0's against the served ones.
 
-The steps are those of ``POST /segment`` (``service.routes.segment``): decode → preprocess → session →
-postprocess → encode (mask and probability PNGs, base64). Each is timed alone on the photo, so the
-HTTP figures can be read against them. The alternatives are candidates for the service, measured here
-before anything is changed there: JPEG decoding with DCT scaling (Pillow's ``draft``), which decodes a
-1024×768 JPEG at 1/2 or 1/4 size straight away, and PNG encoding at zlib level 1 instead of 6.
+Each photo goes through :meth:`service.pipeline.Pipeline.run`, the code ``POST /segment``, ``dermaseg
+predict`` and ``dermaseg evaluate`` run (decode → preprocess → inference → postprocess → encode, both
+PNGs of a JSON answer), and the step times come from the pipeline's own :class:`StepTimes`. *after* is
+the served pipeline (``OnnxModel.pipeline``); *before* is :class:`bench.baseline.Release100Pipeline`,
+the same chain with each step as release 1.0.0 ran it. The two alternate call by call in one run, so
+the machine's state weighs on both alike. The photos: the benchmark's own (1024×768) and the 6 MP and
+12 MP samples, the sizes clinics send.
 """
 
 from __future__ import annotations
 
-import base64
-import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
-from PIL import Image, ImageOps
-
+from bench.baseline import RELEASE, Release100Pipeline
+from bench.decode_check import dice
 from bench.inputs import Photo
-from bench.timing import Effort, Timing, measure
+from bench.markdown import number, percent, table
+from bench.timing import Effort, Timing
 from service.config import Settings
-from service.imaging import IMAGE_RESAMPLE, decode_image, encode_png
 from service.inference import OnnxModel
-from service.pipeline import postprocess, preprocess, probability_to_uint8
+from service.pipeline import STEPS, PhotoResult, Pipeline
 
-#: zlib level of the service's PNGs (DERMASEG_PNG_COMPRESS_LEVEL's default), and Pillow's own default,
-#: which the service used before that setting.
+#: zlib level of the service's PNGs (DERMASEG_PNG_COMPRESS_LEVEL's default); 1.0.0 ran the same level.
 SERVICE_PNG_LEVEL = Settings.model_fields["png_compress_level"].default
-PILLOW_PNG_LEVEL = 6
-EXIF_ORIENTATION = 0x0112
+BEFORE = f"before ({RELEASE})"
+AFTER = "after (served)"
+
+#: What each adopted change replaced, the steps it acts on, and the dependency it brought.
+CHANGES = (
+    (
+        "JPEG decoded at the DCT scale the input needs (Pillow `draft`), resize shrinks by whole "
+        "factors first (`reducing_gap` 3)",
+        "none (Pillow)",
+        ("decode", "preprocess"),
+    ),
+    ("probability map upsampled by `cv2.resize`", "opencv-python-headless", ("postprocess",)),
+    (
+        "PNGs by `cv2.imencode` (RLE for the mask, sub filter for the map), `cv2.convertScaleAbs` for "
+        "the map's pixels",
+        "opencv-python-headless",
+        ("encode",),
+    ),
+)
 
 
 @dataclass
-class Alternative:
-    """A faster candidate for one or more steps, against the steps it would replace."""
+class StepRow:
+    """One implementation on one photo: each step's times, and the size of the PNGs it wrote."""
 
-    name: str
-    replaces: str
-    timing: Timing
-    baseline_ms: float
-    effect: str
-    #: Whether the service now runs the alternative (then ``baseline_ms`` is how it ran before).
-    adopted: bool = False
+    steps: dict[str, Timing] = field(default_factory=dict)
+    png_bytes: int = 0
+
+    def p50(self, *names: str) -> float:
+        return sum(self.steps[name].p50 for name in names if name in self.steps)
 
     @property
-    def saving_ms(self) -> float:
-        return self.baseline_ms - self.timing.p50
+    def total_ms(self) -> float:
+        return self.p50(*STEPS)
+
+    @property
+    def other_ms(self) -> float:
+        """Every step but the inference (p50s summed)."""
+        return self.p50(*(name for name in STEPS if name != "inference"))
+
+    @property
+    def other_per_inference(self) -> float:
+        inference = self.p50("inference")
+        return self.other_ms / inference if inference > 0 else float("nan")
+
+
+@dataclass
+class PhotoSteps:
+    """Before and after on one photo, and how far their masks agree."""
+
+    photo: str
+    size: tuple[int, int]
+    before: StepRow
+    after: StepRow
+    #: Dice between 1.0.0's mask and the served one (1.0: the same pixels).
+    mask_agreement: float
+
+    @property
+    def label(self) -> str:
+        height, width = self.size
+        return f"{width}×{height} ({height * width / 1e6:.1f} MP)"
 
 
 @dataclass
 class PipelineResult:
-    """Median time of each step of one request, and the alternatives."""
+    """Section 3: each photo's before and after, and the photos left out (with why)."""
 
-    steps: dict[str, Timing] = field(default_factory=dict)
-    alternatives: list[Alternative] = field(default_factory=list)
+    photos: list[PhotoSteps] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     @property
-    def total_ms(self) -> float:
-        return sum(timing.p50 for timing in self.steps.values())
+    def main(self) -> PhotoSteps | None:
+        """The benchmark's own photo (the first), which the other sections measure too."""
+        return self.photos[0] if self.photos else None
 
 
-def decode_with_draft(data: bytes, input_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decodes a JPEG at the smallest DCT scale still at least the network's input, then resizes to it.
+def time_side_by_side(
+    calls: dict[str, Callable[[], PhotoResult]], effort: Effort
+) -> tuple[dict[str, dict[str, Timing]], dict[str, PhotoResult]]:
+    """Calls each of ``calls`` in turn, round after round, and collects each step's times per call.
 
-    Returns the network-size uint8 RGB and the photo's full ``(height, width)`` (the mask's size), EXIF
-    orientation applied like ``decode_image``.
+    Warm-up and the number of rounds follow ``effort`` (as :func:`bench.timing.measure`, with the time of
+    a round, all calls together, counting toward ``effort.seconds``). Returns the step timings and the last
+    result of each call.
     """
-    height, width = input_size
-    with Image.open(io.BytesIO(data)) as image:
-        stored_width, stored_height = image.size
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-        image.draft("RGB", (max(height, width), max(height, width)))
-        small = ImageOps.exif_transpose(image).convert("RGB")
-    swapped = orientation in (5, 6, 7, 8)  # the EXIF rotations by 90° or 270°
-    full_size = (stored_width, stored_height) if swapped else (stored_height, stored_width)
-    resized = np.asarray(small.resize((width, height), IMAGE_RESAMPLE))
-    return resized, full_size
+    last: dict[str, PhotoResult] = {}
+    for _ in range(effort.warmup):
+        for name, call in calls.items():
+            last[name] = call()
+    timings: dict[str, dict[str, Timing]] = {name: {} for name in calls}
+    rounds, spent = 0, 0.0
+    while rounds < effort.max_runs and (rounds < effort.min_runs or spent < effort.seconds):
+        for name, call in calls.items():
+            last[name] = result = call()
+            for step, ms in result.times.ms.items():
+                timings[name].setdefault(step, Timing()).samples_ms.append(ms)
+                spent += ms / 1000.0
+        rounds += 1
+    return timings, last
 
 
-def _encode(segmentation: Any, level: int) -> tuple[str, str]:
-    """The two PNGs of a JSON answer, base64, at zlib ``level``."""
-    mask = encode_png(segmentation.mask, level)
-    probability = encode_png(probability_to_uint8(segmentation.probability), level)
-    return base64.b64encode(mask).decode("ascii"), base64.b64encode(probability).decode("ascii")
+def _png_bytes(result: PhotoResult) -> int:
+    return len(result.encoded.mask_png or b"") + len(result.encoded.probability_png or b"")
 
 
-def bench_pipeline(model: OnnxModel, photo: Photo, effort: Effort) -> PipelineResult:
-    """Times each step of one request on ``photo`` (batch 1), and the alternatives."""
-    input_size, threshold = model.info.input_size, model.info.threshold
-    rgb = decode_image(photo.data)
-    batch = preprocess(rgb, input_size)[np.newaxis]
-    probability = model(batch)
-    segmentation = postprocess(probability[0], rgb.shape[:2], threshold)
-    calls: dict[str, Callable[[], Any]] = {
-        "decode": lambda: decode_image(photo.data),
-        "preprocess": lambda: preprocess(rgb, input_size)[np.newaxis],
-        "inference": lambda: model(batch),
-        "postprocess": lambda: postprocess(probability[0], rgb.shape[:2], threshold),
-        "encode": lambda: _encode(segmentation, SERVICE_PNG_LEVEL),
+def bench_photo(served: Pipeline, before: Pipeline, photo: Photo, effort: Effort) -> PhotoSteps:
+    """Before and after on one photo, a JSON answer's work (mask and confidence-map PNGs)."""
+    calls = {
+        name: (lambda pipeline=pipeline: pipeline.run(photo.data, mask=True, probability=True))
+        for name, pipeline in ((BEFORE, before), (AFTER, served))
     }
-    result = PipelineResult(steps={name: measure(call, effort) for name, call in calls.items()})
+    timings, last = time_side_by_side(calls, effort)
+    rows = {name: StepRow(timings[name], _png_bytes(last[name])) for name in calls}
+    return PhotoSteps(
+        photo=photo.description,
+        size=last[AFTER].segmentation.mask.shape,
+        before=rows[BEFORE],
+        after=rows[AFTER],
+        mask_agreement=dice(last[BEFORE].segmentation.mask, last[AFTER].segmentation.mask),
+    )
 
-    if photo.content_type == "image/jpeg":
-        fast_input, _ = decode_with_draft(photo.data, input_size)
-        difference = np.abs(fast_input.astype(np.float32) - preprocess(rgb, input_size))
-        result.alternatives.append(
-            Alternative(
-                name="JPEG decode with DCT scaling (Pillow draft) + resize",
-                replaces="decode + preprocess",
-                timing=measure(lambda: decode_with_draft(photo.data, input_size), effort),
-                baseline_ms=result.steps["decode"].p50 + result.steps["preprocess"].p50,
-                effect=(
-                    f"network input differs by {difference.mean():.2f} gray levels on average "
-                    f"(max {difference.max():.0f}): needs a Dice check before use"
-                ),
-            )
-        )
-    before_sizes = [len(text) for text in _encode(segmentation, PILLOW_PNG_LEVEL)]
-    after_sizes = [len(text) for text in _encode(segmentation, SERVICE_PNG_LEVEL)]
-    if SERVICE_PNG_LEVEL != PILLOW_PNG_LEVEL:
-        result.alternatives.append(
-            Alternative(
-                name=f"PNG at zlib level {SERVICE_PNG_LEVEL} instead of Pillow's {PILLOW_PNG_LEVEL}",
-                replaces="encode",
-                timing=result.steps["encode"],
-                baseline_ms=measure(lambda: _encode(segmentation, PILLOW_PNG_LEVEL), effort).p50,
-                effect=(
-                    f"same pixels (lossless); answer's images {sum(after_sizes) / 1024:.0f} KiB "
-                    f"instead of {sum(before_sizes) / 1024:.0f} KiB"
-                ),
-                adopted=True,
-            )
-        )
+
+def bench_pipeline(
+    model: OnnxModel, photos: Sequence[Photo], effort: Effort, skipped: Sequence[str] = ()
+) -> PipelineResult:
+    """Before and after on each photo at batch 1; ``skipped`` says which photos were not found."""
+    served = model.pipeline(batch_size=1, png_compress_level=SERVICE_PNG_LEVEL)
+    before = Release100Pipeline(
+        model, model.info.input_size, model.info.threshold, batch_size=1, png_compress_level=SERVICE_PNG_LEVEL
+    )
+    result = PipelineResult(skipped=list(skipped))
+    for photo in photos:
+        result.photos.append(bench_photo(served, before, photo, effort))
     return result
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _saving(before: float, after: float) -> str:
+    if before <= 0:
+        return "–"
+    return f"{number(before)} → {number(after)} ({percent((after - before) / before)})"
+
+
+def justification(result: PipelineResult) -> list[str]:
+    """One sentence per dependency (and the reduced decode), from the figures of this run."""
+    lines = []
+    largest = max(result.photos, key=lambda p: p.size[0] * p.size[1], default=None)
+    if largest is None:
+        return lines
+    dependencies: dict[str, list[str]] = {}
+    for _, dependency, steps in CHANGES:
+        dependencies.setdefault(dependency, []).extend(steps)
+    for dependency, steps in dependencies.items():
+        cells = "; ".join(
+            f"{photo.label}: {number(photo.before.p50(*steps))} → {number(photo.after.p50(*steps))} ms"
+            for photo in result.photos
+        )
+        what = " + ".join(steps)
+        subject = (
+            "The reduced decode (no new dependency)" if dependency.startswith("none") else f"`{dependency}`"
+        )
+        lines.append(f"{subject} is worth its place by {what}, p50 before → after: {cells}.")
+    return lines
+
+
+def render_section(result: PipelineResult | None) -> str:
+    """Section 3 of docs/performance.md."""
+    if result is None:
+        return ""
+    text = (
+        "## 3. The service's steps, in process (no HTTP)\n\n"
+        "`Pipeline.run`, the code `POST /segment`, `dermaseg predict` and `dermaseg evaluate` run, on each "
+        "photo at batch 1 with both PNGs of a JSON answer (base64 and JSON are in section 4); each step's "
+        f"time is the pipeline's own. *{AFTER}* is the served pipeline; *{BEFORE}* is the same chain with "
+        f"each step as release {RELEASE} ran it (`bench.baseline`: full decode, one-pass Pillow resize, "
+        "Pillow upsampling of the probability, Pillow PNGs at the same zlib level). The two alternate call "
+        "by call in this run. p50 in ms; *other / inference* = (every step but inference) / inference."
+    )
+    if result.skipped:
+        text += "\n\n" + "\n".join(f"Skipped: {line}." for line in result.skipped)
+    if not result.photos:
+        return text
+    headers = ["photo", "code", "n", *STEPS, "sum", "other / inference", "PNGs KiB"]
+    rows = []
+    for photo in result.photos:
+        for name, row in ((BEFORE, photo.before), (AFTER, photo.after)):
+            rows.append(
+                [
+                    photo.label,
+                    name,
+                    row.steps[STEPS[0]].n if STEPS[0] in row.steps else 0,
+                    *(number(row.p50(step)) for step in STEPS),
+                    number(row.total_ms),
+                    number(row.other_per_inference, 2) + "×",
+                    number(row.png_bytes / 1024, 0),
+                ]
+            )
+    text += "\n\n" + table(headers, rows)
+    text += "\n\nPhotos: " + "; ".join(f"{photo.label} = {photo.photo}" for photo in result.photos) + "."
+    text += (
+        " The masks of both agree to Dice "
+        + ", ".join(f"{photo.mask_agreement:.4f} ({photo.label})" for photo in result.photos)
+        + " (the reduced decode's check on every photo is section 8)."
+    )
+    change_rows = [
+        [change, dependency, " + ".join(steps)]
+        + [_saving(photo.before.p50(*steps), photo.after.p50(*steps)) for photo in result.photos]
+        for change, dependency, steps in CHANGES
+    ]
+    text += "\n\nWhat each adopted change buys (p50 ms of the steps it acts on, before → after):\n\n" + table(
+        ["change", "dependency", "steps", *(photo.label for photo in result.photos)], change_rows
+    )
+    text += "\n\n" + "\n".join(f"- {line}" for line in justification(result))
+    return text

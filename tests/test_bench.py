@@ -6,6 +6,7 @@ The benchmark is not a timed test: nothing here asserts a speed. The end-to-end 
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -14,14 +15,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
+from PIL import Image
 
+from bench.baseline import FullDecodePipeline, Release100Pipeline, encode_png_1_0
+from bench.decode_check import DecodeCheck, PhotoCheck, dice, run_check
 from bench.flops import count_flops
 from bench.http_load import ServiceConfig
+from bench.inputs import synthetic_photo
 from bench.machine import Machine, estimate_peak
+from bench.pipeline import time_side_by_side
 from bench.report import Goal
 from bench.timing import Effort, Timing, measure, percentile
+from service.imaging import encode_png, load_mask
+from service.inference import OnnxModel
+from service.pipeline import STEPS, Encoded, PhotoResult, Segmentation, StepTimes
 from tests.conftest import make_dataset
 from tests.onnx_models import write_darkness_model
+from training.data import Sample
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,6 +124,21 @@ def test_service_configurations_parse_settings_and_workers() -> None:
         ServiceConfig.parse("max_concurrency")
 
 
+def test_a_service_configuration_can_load_its_own_photo() -> None:
+    config = ServiceConfig.parse("6mp:photo=../data/ISIC_0012099.jpg,concurrency=1/4,requests=40")
+    assert (config.name, config.photo, config.concurrency, config.requests) == (
+        "6mp", Path("../data/ISIC_0012099.jpg"), (1, 4), 40,
+    )  # fmt: skip
+    assert config.settings == ()  # none of these reach the service's environment
+    assert "DERMASEG_PHOTO" not in config.environment(Path("/m.onnx"))
+    assert ServiceConfig.parse("q:query=outputs=mask").mask_only
+    assert not ServiceConfig.parse("q:query=outputs=mask%2Cprobability").mask_only
+    assert not ServiceConfig.parse("defaults:").mask_only
+    for bad in ("concurrency=0", "requests=x", "concurrency=1/"):
+        with pytest.raises(ValueError):
+            ServiceConfig.parse(bad)
+
+
 def test_peak_estimate_spells_out_its_assumptions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("bench.machine.MAX_FREQ", tmp_path / "absent")  # as in a VM: no cpufreq
     machine = Machine(
@@ -137,17 +162,143 @@ def test_goal_verdicts_say_by_how_much_they_are_missed() -> None:
     assert Goal("o", 0.1, 0.05, False, "").verdict == "**met**"
     assert Goal("o", 0.1, 0.25, False, "").verdict == "**missed** by 15.0 points"
     assert Goal("o", 0.1, None, False, "").verdict == "not measured"
+    assert Goal("r", 1.0, 1.0, False, "", unit="times").verdict == "**met**"  # "at most": the target passes
+    assert Goal("r", 1.0, 1.35, False, "", unit="times").verdict == "**missed** by 0.35×"
+    assert Goal("r", 1.0, 1.35, False, "", unit="times").shown == "1.35×"
+
+
+# --- the reduced decode's check, and release 1.0.0's steps ------------------------------------------------
+
+
+def _check(rows: list[tuple[str, float, float, float]]) -> DecodeCheck:
+    return DecodeCheck(
+        photos=[PhotoCheck(name, (8, 8), (4, 4), agree, full, reduced) for name, agree, full, reduced in rows]
+    )
+
+
+def test_dice_of_hand_drawn_masks() -> None:
+    first = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0]], dtype=bool)
+    second = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0]], dtype=bool)
+    assert dice(first, second) == pytest.approx(2 * 2 / (3 + 3))
+    assert dice(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0  # both empty: a perfect answer
+
+
+def test_decode_check_names_the_photos_below_the_rule_and_fails() -> None:
+    check = _check([("a", 0.999, 0.90, 0.91), ("b", 0.990, 0.80, 0.79), ("c", 0.9949, 0.70, 0.70)])
+    assert [p.id for p in check.below] == ["b", "c"]  # worst first
+    assert check.min_agreement == 0.990
+    mean, half, worse, better = check.paired()
+    assert mean == pytest.approx(0.0)  # +0.01, −0.01, 0
+    assert half == pytest.approx(1.96 * 0.01 / 3**0.5)  # sample SD of (0.01, −0.01, 0) is 0.01
+    assert (worse, better) == (1, 1)
+    assert check.dice_holds and not check.passed
+    assert check.verdict == "**failed**: 2 photo(s) below Dice 0.995"
+
+
+def test_decode_check_fails_when_dice_against_the_experts_drops_beyond_its_interval() -> None:
+    agreeing = _check([("a", 0.999, 0.90, 0.89), ("b", 0.998, 0.80, 0.79), ("c", 0.997, 0.70, 0.69)])
+    assert not agreeing.below and not agreeing.dice_holds  # −0.01 on every photo: the interval is below 0
+    assert agreeing.verdict.startswith("**failed**: Dice against the experts drops")
+    passing = _check([("a", 0.999, 0.90, 0.90), ("b", 0.995, 0.80, 0.81)])  # 0.995 itself passes
+    assert passing.passed and passing.verdict.startswith("**passed**")
+    assert DecodeCheck().passed is None and DecodeCheck().verdict.startswith("not checked")
+
+
+def _write_photo(path: Path, size: tuple[int, int], image_format: str = "JPEG") -> Sample:
+    """A synthetic photo (a dark ellipse on skin, which the darkness model finds) and its mask."""
+    data = synthetic_photo(size)
+    pixels = np.asarray(Image.open(io.BytesIO(data)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if image_format == "JPEG":
+        path.write_bytes(data)
+    else:
+        Image.fromarray(pixels).save(path, format=image_format)
+    mask_path = path.with_name(path.stem + "_mask.png")
+    Image.fromarray(((pixels.mean(axis=2) < 160) * 255).astype(np.uint8)).save(mask_path)
+    return Sample(path.stem, path, mask_path, "synthetic")
+
+
+def test_decode_check_runs_both_decodes_on_the_photos_it_acts_on(tmp_path: Path) -> None:
+    model = OnnxModel(write_darkness_model(tmp_path / "tiny.onnx"))  # 64×64 input
+    served = model.pipeline(batch_size=1)
+    full = FullDecodePipeline(model, model.info.input_size, model.info.threshold, batch_size=1)
+    samples = [
+        _write_photo(tmp_path / "big.jpg", (256, 320)),  # decoded at 1/4: 64×80
+        _write_photo(tmp_path / "half.jpg", (130, 200)),  # 1/2: 65×100
+        _write_photo(tmp_path / "small.jpg", (100, 120)),  # half would be 50 < 64: full decode
+        _write_photo(tmp_path / "lossless.png", (256, 320), "PNG"),  # no DCT scaling
+    ]
+    check = run_check(full, served, samples)
+    assert check.skipped == {"too small for a reduced scale": 1, "not a JPEG": 1}
+    by_id = {p.id: p for p in check.photos}
+    assert set(by_id) == {"synthetic/big", "synthetic/half"}
+    assert by_id["synthetic/big"].size == (256, 320) and by_id["synthetic/big"].decoded_size == (64, 80)
+    assert by_id["synthetic/half"].decoded_size == (65, 100)
+    for photo in check.photos:
+        assert 0.98 <= photo.agreement <= 1.0  # a clear ellipse: the two masks differ only at its edge
+        assert photo.dice_full > 0.8 and photo.dice_reduced > 0.8
+    data = (tmp_path / "big.jpg").read_bytes()
+    reference, reduced = full.run(data).segmentation.mask, served.run(data).segmentation.mask
+    assert by_id["synthetic/big"].agreement == pytest.approx(dice(reference, reduced))
+    truth = load_mask(samples[0].mask_path)
+    assert by_id["synthetic/big"].dice_full == pytest.approx(dice(reference, truth))
+    assert by_id["synthetic/big"].dice_reduced == pytest.approx(dice(reduced, truth))
+
+
+def test_release_1_0_pipeline_computes_the_same_answer_the_slow_way(tmp_path: Path) -> None:
+    model = OnnxModel(write_darkness_model(tmp_path / "tiny.onnx"))
+    served = model.pipeline(batch_size=1)
+    before = Release100Pipeline(model, model.info.input_size, model.info.threshold, batch_size=1)
+    data = synthetic_photo((480, 640))
+    old, new = before.run(data, probability=True), served.run(data, probability=True)
+    assert tuple(old.times.ms) == tuple(new.times.ms) == STEPS  # timed by the same Pipeline.run
+    assert old.segmentation.mask.shape == new.segmentation.mask.shape == (480, 640)
+    assert dice(old.segmentation.mask, new.segmentation.mask) > 0.98
+    for png in (old.encoded.mask_png, old.encoded.probability_png):
+        assert png is not None and Image.open(io.BytesIO(png)).size == (640, 480)
+    mask = new.segmentation.mask
+    # Both encoders are lossless: 1.0.0's Pillow PNG and the served OpenCV one hold the same pixels.
+    assert np.array_equal(
+        np.asarray(Image.open(io.BytesIO(encode_png_1_0(mask, 1)))),
+        np.asarray(Image.open(io.BytesIO(encode_png(mask, 1)))),
+    )
+
+
+def test_steps_are_timed_side_by_side_round_after_round() -> None:
+    order: list[str] = []
+
+    def call(name: str, decode_ms: float) -> PhotoResult:
+        order.append(name)
+        times = StepTimes()
+        times.ms = {"decode": decode_ms, "inference": 1.0}
+        empty = Segmentation(np.zeros((1, 1), bool), np.zeros((1, 1), np.float32), 0.5)
+        return PhotoResult(empty, Encoded(), times)
+
+    effort = Effort(
+        warmup=1, min_runs=3, max_runs=3, seconds=0.0, http_requests=1, http_seconds=1.0,
+        validation_images=1, calibration_images=1,
+    )  # fmt: skip
+    timings, last = time_side_by_side({"a": lambda: call("a", 5.0), "b": lambda: call("b", 2.0)}, effort)
+    assert order == ["a", "b"] * 4  # one warm-up round, then 3 timed rounds, alternating
+    assert timings["a"]["decode"].samples_ms == [5.0, 5.0, 5.0]
+    assert timings["b"]["decode"].p50 == 2.0 and timings["b"]["inference"].n == 3
+    assert set(last) == {"a", "b"}
 
 
 @pytest.mark.slow
 def test_quick_run_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     model = write_darkness_model(tmp_path / "tiny.onnx")
     data = make_dataset(tmp_path / "data", "normalized", n=10, size=64, seed=3)
+    checkable = make_dataset(tmp_path / "checkable", "normalized", n=3, size=(192, 256), seed=4)
+    large = tmp_path / "ISIC_0012099.jpg"  # the 6 MP goal's name, at a size a test can afford
+    large.write_bytes(synthetic_photo((600, 800)))
     out, results = tmp_path / "performance.md", tmp_path / "performance.json"
     command = [
         sys.executable, "-m", "bench", "--model", str(model), "--quick", "--out", str(out),
         "--json", str(results), "--batches", "1,4", "--concurrency", "1,8", "--data", str(data),
         "--checkpoint", "none", "--keras-arch", "unet", "--keras-unet-base-filters", "4",
+        "--large-photos", f"{large},{tmp_path / 'absent.jpg'}", "--decode-check-data", str(checkable),
+        "--service", "defaults:", "--service", f"6mp:photo={large},concurrency=1,requests=4",
     ]  # fmt: skip
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -155,15 +306,21 @@ def test_quick_run_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     report = out.read_text()
     for heading in ("## Goals", "## Machine", "## 1. Raw ONNX Runtime session", "## 2. Keras against",
                     "## 3. The service's steps", "## 4. The service over HTTP", "## 5. The service's memory",
-                    "## 6. Precision variants", "## 7. Floating-point work"):  # fmt: skip
+                    "## 6. Precision variants", "## 7. Floating-point work", "## 8. Reduced-scale JPEG",
+                    "### Large photos at concurrency 1"):  # fmt: skip
         assert heading in report
+    assert "absent.jpg not found" in report and "before (1.0.0)" in report
     assert "**Quick run**" in report and "python -m bench --model" in report
 
     document = json.loads(results.read_text())
     assert [(r["batch"], r["setting"]["threads"]) for r in document["raw"]] == [(1, 0), (4, 0)]
     assert all(r["timing"]["n"] >= 3 for r in document["raw"])
-    (http,) = document["http"]
-    assert http["error"] is None
+    http, large_http = document["http"]
+    assert http["error"] is None and large_http["error"] is None
+    assert [level["concurrency"] for level in large_http["levels"]] == [1]
+    assert [p["size"] for p in document["pipeline"]["photos"]] == [[768, 1024], [600, 800]]
+    assert all(p["before"]["steps"]["encode"]["n"] >= 3 for p in document["pipeline"]["photos"])
+    assert len(document["decode_check"]["photos"]) == 3  # 192×256 JPEGs decode at 1/2 for a 64×64 input
     assert [level["concurrency"] for level in http["levels"]] == [1, 8]
     assert all(level["latency"]["n"] >= 4 and not level["errors"] for level in http["levels"])
     assert http["memory_ready"]["rss_mib"] > 0
@@ -173,4 +330,5 @@ def test_quick_run_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert document["keras"]["mode"] == "random" and document["keras"]["error"] is None
     assert set(document["keras"]["keras"]) == {"eager", "tf.function", "predict_on_batch"}
     assert document["flops"]["macs_by_op"] == {}
-    assert len(document["goals"]) == 2 and all(goal["measured"] is not None for goal in document["goals"])
+    assert [goal["target"] for goal in document["goals"]] == [0.80, 1.0]  # full JSON throughput; 6 MP ratio
+    assert all(goal["measured"] is not None for goal in document["goals"])

@@ -181,3 +181,23 @@ class MetricAccumulator:
             "thresholded_jaccard": thresholded_jaccard([image["jaccard"] for image in per_image]),
             "per_image": per_image,
         }
+
+
+def paired_difference(
+    base: dict[str, Any], other: dict[str, Any], metric: str = "dice"
+) -> tuple[float, float, int, int]:
+    """Mean per-image difference ``other − base``, its 95 % half-width, and how many got worse / better.
+
+    ``base`` and ``other`` are evaluations (``{"per_image": [{"id", metric …}, …]}``) of the same images;
+    only ids in both count. Here rather than in the report so that the benchmark, which must not load
+    TensorFlow, pairs its own evaluations with the same formula.
+    """
+    before = {row["id"]: row[metric] for row in base["per_image"]}
+    after = {row["id"]: row[metric] for row in other["per_image"]}
+    differences = [after[key] - before[key] for key in before if key in after]
+    count = len(differences)
+    mean = sum(differences) / count
+    spread = (sum((d - mean) ** 2 for d in differences) / (count - 1)) ** 0.5 if count > 1 else 0.0
+    worse = sum(d < 0 for d in differences)
+    better = sum(d > 0 for d in differences)
+    return mean, 1.96 * spread / count**0.5, worse, better

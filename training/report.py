@@ -17,6 +17,7 @@ from typing import Any
 
 from training.callbacks import read_history
 from training.config import TrainConfig
+from training.metrics import paired_difference
 
 METRICS = ("dice", "jaccard", "sensitivity", "specificity", "accuracy")
 
@@ -265,21 +266,6 @@ RELEASE_VARIANTS = {
     "fh": "holes filled",
     "all": "flip TTA + largest component + holes filled",
 }
-
-
-def paired_difference(
-    base: dict[str, Any], other: dict[str, Any], metric: str = "dice"
-) -> tuple[float, float, int, int]:
-    """Mean per-image difference ``other − base``, its 95 % half-width, and how many got worse / better."""
-    before = {row["id"]: row[metric] for row in base["per_image"]}
-    after = {row["id"]: row[metric] for row in other["per_image"]}
-    differences = [after[key] - before[key] for key in before if key in after]
-    count = len(differences)
-    mean = sum(differences) / count
-    spread = (sum((d - mean) ** 2 for d in differences) / (count - 1)) ** 0.5 if count > 1 else 0.0
-    worse = sum(d < 0 for d in differences)
-    better = sum(d > 0 for d in differences)
-    return mean, 1.96 * spread / count**0.5, worse, better
 
 
 def _training_hours(run: Path, summary: dict[str, Any]) -> str:
