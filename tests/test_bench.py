@@ -223,17 +223,18 @@ def test_decode_check_runs_both_decodes_on_the_photos_it_acts_on(tmp_path: Path)
     served = model.pipeline(batch_size=1)
     full = FullDecodePipeline(model, model.info.input_size, model.info.threshold, batch_size=1)
     samples = [
-        _write_photo(tmp_path / "big.jpg", (256, 320)),  # decoded at 1/4: 64×80
-        _write_photo(tmp_path / "half.jpg", (130, 200)),  # 1/2: 65×100
-        _write_photo(tmp_path / "small.jpg", (100, 120)),  # half would be 50 < 64: full decode
-        _write_photo(tmp_path / "lossless.png", (256, 320), "PNG"),  # no DCT scaling
+        # The reduced decode keeps twice the input: 128×128.
+        _write_photo(tmp_path / "big.jpg", (512, 640)),  # decoded at 1/4: 128×160
+        _write_photo(tmp_path / "half.jpg", (260, 400)),  # 1/2: 130×200
+        _write_photo(tmp_path / "small.jpg", (200, 240)),  # half would be 100 < 128: full decode
+        _write_photo(tmp_path / "lossless.png", (512, 640), "PNG"),  # no DCT scaling
     ]
     check = run_check(full, served, samples)
     assert check.skipped == {"too small for a reduced scale": 1, "not a JPEG": 1}
     by_id = {p.id: p for p in check.photos}
     assert set(by_id) == {"synthetic/big", "synthetic/half"}
-    assert by_id["synthetic/big"].size == (256, 320) and by_id["synthetic/big"].decoded_size == (64, 80)
-    assert by_id["synthetic/half"].decoded_size == (65, 100)
+    assert by_id["synthetic/big"].size == (512, 640) and by_id["synthetic/big"].decoded_size == (128, 160)
+    assert by_id["synthetic/half"].decoded_size == (130, 200)
     for photo in check.photos:
         assert 0.98 <= photo.agreement <= 1.0  # a clear ellipse: the two masks differ only at its edge
         assert photo.dice_full > 0.8 and photo.dice_reduced > 0.8
