@@ -73,7 +73,8 @@ def test_training_lowers_the_loss(trained_run: tuple[Path, dict]) -> None:
 
 
 def test_split_is_seeded_and_saved(trained_run: tuple[Path, dict]) -> None:
-    from training.data import load_samples, load_split, split_samples
+    from training.data import load_samples
+    from training.split import load_split, split_samples
 
     out = trained_run[0]
     train_samples, val_samples = load_split(out / "split.json")

@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from service.imaging import decode_image, load_mask
 from service.inference import DEFAULT_THRESHOLD, OnnxModel, Segmentation, Segmenter
-from training.data import DataError, Sample, load_samples, load_split
+from training.data import DataError, Sample, load_samples
 from training.metrics import MetricAccumulator
+from training.split import load_split
 
 logger = logging.getLogger(__name__)
 

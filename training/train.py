@@ -18,10 +18,11 @@ import keras
 
 from training.callbacks import CurvePlotter, ResumableState, Throughput, read_history
 from training.config import TrainConfig
-from training.data import DataError, load_samples, load_split, save_split, split_samples
+from training.data import DataError, load_samples
 from training.dataset import EpochSync, SegmentationDataset
 from training.losses import get_loss
 from training.model import build_model
+from training.split import load_split, save_split, split_samples
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,8 @@ def select_samples(
     """
     if not roots:
         return Selection()
-    from training.data import DataError, load_samples, load_split
+    from training.data import DataError, load_samples
+    from training.split import load_split
 
     try:
         samples = load_samples([Path(root) for root in roots])
