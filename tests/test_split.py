@@ -128,3 +128,146 @@ def test_split_of_samples_without_groups_is_pinned() -> None:
     assert [sample.id for sample in split_samples(two_sources, 0.25, seed=42)[1]] == [
         "S0012", "S0039", "S0007", "S0011", "S0017", "S0020", "S0022", "S0029", "S0031", "S0037",
     ]  # fmt: skip
+
+
+# --- grouped by lesion ------------------------------------------------------------------------------------
+
+
+def _grouped_samples() -> list[Sample]:
+    """Two sources: ``ham`` with lesions of 1 to 4 photos (one diagnosis each), ``ph2`` without groups."""
+    generator = np.random.default_rng(5)
+    samples = []
+    for lesion in range(60):
+        diagnosis = ("nevus", "nevus", "melanoma", "keratosis")[lesion % 4]
+        for photo in range(int(generator.integers(1, 5))):
+            name = f"ISIC_{lesion:03d}{photo}"
+            samples.append(
+                Sample(
+                    name,
+                    Path(f"/ham/{name}.jpg"),
+                    Path(f"/ham/{name}.png"),
+                    "ham",
+                    diagnosis,
+                    f"L{lesion:03d}",
+                )
+            )
+    for index in range(40):
+        diagnosis = ("common nevus", "atypical nevus", "melanoma", "common nevus")[index % 4]
+        name = f"IMD{index:03d}"
+        samples.append(
+            Sample(name, Path(f"/ph2/{name}.bmp"), Path(f"/ph2/{name}_lesion.bmp"), "ph2", diagnosis)
+        )
+    return samples
+
+
+def test_grouped_split_keeps_every_lesion_on_one_side() -> None:
+    samples = _grouped_samples()
+
+    for seed in range(5):
+        train, val = split_samples(samples, 0.2, seed=seed)
+
+        assert sorted(train + val, key=lambda sample: (sample.dataset, sample.id)) == sorted(
+            samples, key=lambda sample: (sample.dataset, sample.id)
+        )
+        assert not {s.group for s in train if s.group} & {s.group for s in val if s.group}
+        assert {s.group for s in val if s.group}, "no lesion held out"
+
+
+def test_grouped_split_keeps_each_source_and_diagnosis_share() -> None:
+    samples = _grouped_samples()
+    largest_group = max(Counter(sample.group for sample in samples if sample.group).values())
+
+    _, val = split_samples(samples, 0.2, seed=1)
+
+    strata = Counter((sample.dataset, sample.diagnosis) for sample in samples)
+    held_out = Counter((sample.dataset, sample.diagnosis) for sample in val)
+    for stratum, size in strata.items():
+        # Whole lesions are drawn while they fit the share: short of it by less than one lesion.
+        assert 0.2 * size - largest_group <= held_out[stratum] <= 0.2 * size + 1, stratum
+    assert abs(len(val) - 0.2 * len(samples)) <= largest_group
+
+
+def test_grouped_split_is_seeded_and_independent_of_input_order() -> None:
+    samples = _grouped_samples()
+    shuffled = list(samples)
+    np.random.default_rng(0).shuffle(shuffled)
+
+    first = split_samples(samples, 0.25, seed=3)
+
+    assert split_samples(shuffled, 0.25, seed=3) == first
+    assert split_samples(samples, 0.25, seed=4)[1] != first[1]
+
+
+def test_grouped_split_edge_cases() -> None:
+    def photos(group_sizes: list[int]) -> list[Sample]:
+        return [
+            Sample(
+                f"P{group}{photo}",
+                Path(f"/g/{group}{photo}.jpg"),
+                Path(f"/g/{group}{photo}.png"),
+                "g",
+                None,
+                f"G{group}",
+            )
+            for group, size in enumerate(group_sizes)
+            for photo in range(size)
+        ]
+
+    one_lesion = photos([4])
+    assert split_samples(one_lesion, 0.2, seed=0) == (sorted(one_lesion, key=lambda s: s.id), [])
+    # Each lesion has more photos than the 20 % share: the smallest one is held out all the same.
+    train, val = split_samples(photos([5, 3, 6]), 0.2, seed=0)
+    assert {sample.group for sample in val} == {"G1"} and len(train) == 11
+
+
+def test_grouped_split_from_a_manifest_with_lesion_ids(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "ham", "normalized", n=12, size=32)
+    manifest = root / "manifest.csv"
+    lines = manifest.read_text().splitlines()
+    # Photos 0-2 show one lesion, 3-4 another; the others a lesion each.
+    lesions = ["HAM_A"] * 3 + ["HAM_B"] * 2 + [f"HAM_{index}" for index in range(5, 12)]
+    manifest.write_text(
+        "\n".join(
+            [lines[0] + ",lesion_id"]
+            + [f"{line},{lesion}" for line, lesion in zip(lines[1:], lesions, strict=True)]
+        )
+        + "\n"
+    )
+    samples = load_samples([root])
+    assert [sample.group for sample in samples] == lesions
+
+    for seed in range(10):
+        train, val = split_samples(samples, 0.4, seed=seed)
+        assert not {s.group for s in train} & {s.group for s in val}
+        assert 3 <= len(val) <= 5
+
+    path = tmp_path / "split.json"
+    save_split(path, train, val, seed=9, val_fraction=0.4)
+    assert load_split(path) == (train, val)
+    assert json.loads(path.read_text())["val"][0]["group"].startswith("HAM_")
+
+
+def test_samples_without_a_group_column_have_no_group(tmp_path: Path) -> None:
+    samples = load_samples([make_dataset(tmp_path / "data", "normalized", n=3, size=32)])
+    path = tmp_path / "split.json"
+    save_split(path, samples[:2], samples[2:], seed=0, val_fraction=0.4)
+
+    assert all(sample.group is None for sample in samples)
+    assert "group" not in json.loads(path.read_text())["train"][0]  # split files as they were before groups
+
+
+@pytest.mark.realdata
+def test_ham10000_split_keeps_every_lesion_on_one_side(shared_data: Path) -> None:
+    from training.data import discover
+
+    samples = discover(shared_data / "ham10000")
+    lesions = {sample.group for sample in samples}
+    assert len(samples) == 10015 and len(lesions) == 7470
+
+    train, val = split_samples(samples, 0.2, seed=42)
+
+    assert not {sample.group for sample in train} & {sample.group for sample in val}
+    assert abs(len(val) - 0.2 * len(samples)) < 20
+    for diagnosis, size in Counter(sample.diagnosis for sample in samples).items():
+        in_val = sum(sample.diagnosis == diagnosis for sample in val)
+        assert abs(in_val - 0.2 * size) <= 6, diagnosis

@@ -4,7 +4,8 @@ Three layouts are read, each detected from what the folder holds:
 
 * **normalized** — ``images/<id>.<ext>``, ``masks/<id>.png`` and ``manifest.csv`` (columns
   ``id,split,orig_width,orig_height,diagnosis``, or ``id,file,...,diagnosis`` where ``file`` is the image's
-  path relative to the folder). Without a manifest, ``images/`` and ``masks/`` are paired by file name.
+  path relative to the folder; an optional ``group`` or ``lesion_id`` column names photos of one lesion,
+  which a split keeps together). Without a manifest, ``images/`` and ``masks/`` are paired by file name.
 * **PH2** as its owners publish it — ``PH2 Dataset images/IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp`` and
   ``IMDxxx_lesion/IMDxxx_lesion.bmp``, the diagnosis from ``PH2_dataset.txt`` when it is there.
 * **ISIC 2016/2017/2018** challenge folders — ``ISIC_xxxxxxx.jpg`` and ``ISIC_xxxxxxx_segmentation.png``
@@ -56,6 +57,9 @@ ISIC_CLASS_COLUMNS = {
     "VASC": "vascular lesion",
 }
 
+#: Manifest columns naming the group a photo belongs to (HAM10000: ``lesion_id``), the first one present.
+GROUP_COLUMNS = ("group", "lesion_id")
+
 _PH2_ID = re.compile(r"^IMD\d+$")
 _ISIC_FILE = re.compile(r"^(ISIC_\d+)(?:_(segmentation|superpixels))?(\.[A-Za-z]+)$", re.IGNORECASE)
 _YEAR = re.compile(r"20(1[6-9]|2\d)")
@@ -79,6 +83,8 @@ class Sample:
         mask_path: the binary lesion mask, the same size as the photo.
         dataset: the dataset's name (the folder's name for the normalized layout, ``ph2``, ``isic2017`` …).
         diagnosis: the clinical class where the dataset gives one (``melanoma``, ``common nevus`` …).
+        group: the lesion (or other group) the photo belongs to where the manifest says so, unique per
+            dataset; :func:`training.split.split_samples` never puts one group on both sides.
     """
 
     id: str
@@ -86,6 +92,7 @@ class Sample:
     mask_path: Path
     dataset: str
     diagnosis: str | None = None
+    group: str | None = None
 
 
 def sample_sort_key(sample: Sample) -> tuple[str, str, str]:
@@ -196,7 +203,8 @@ def _discover_manifest(root: Path) -> list[Sample]:
             mask_path = _first_existing(root / "masks", sample_id, MASK_EXTENSIONS) or (
                 root / "masks" / f"{sample_id}.png"
             )
-        samples.append(Sample(sample_id, image_path, mask_path, dataset, row.get("diagnosis") or None))
+        group = next((row[column] for column in GROUP_COLUMNS if row.get(column)), None)
+        samples.append(Sample(sample_id, image_path, mask_path, dataset, row.get("diagnosis") or None, group))
     return samples
 
 
