@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,8 +100,9 @@ def evaluate(
         samples: the images to score, instead of discovering ``roots``.
 
     Returns:
-        ``n_images``, ``threshold``, ``mean``, ``pooled``, ``thresholded_jaccard``, ``per_image`` and
-        what was evaluated.
+        ``n_images``, ``threshold``, ``mean``, ``pooled``, ``thresholded_jaccard``, ``per_image``,
+        ``per_dataset`` (the same figures for each source, without the per-image rows) and what was
+        evaluated.
     """
     if samples is None:
         if split is not None:
@@ -115,6 +117,7 @@ def evaluate(
         overlays.mkdir(parents=True, exist_ok=True)
 
     accumulator = MetricAccumulator()
+    by_dataset: dict[str, MetricAccumulator] = defaultdict(MetricAccumulator)
     progress = tqdm(total=len(samples), desc="evaluate", unit="img")
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
@@ -129,6 +132,7 @@ def evaluate(
                     f"{sample.mask_path}: mask is {truth.shape[::-1]} but image {image.shape[1::-1]} (w, h)"
                 )
             scores = accumulator.add(sample.id, result.mask, truth)
+            by_dataset[sample.dataset].add(sample.id, result.mask, truth)
             if overlays is not None:
                 title = f"{sample.id}  Dice {scores['dice']:.3f}"
                 save_overlay(overlays / f"{sample.id}.png", image, truth, result, title)
@@ -138,6 +142,9 @@ def evaluate(
     summary = accumulator.summary()
     summary.update(
         {
+            "per_dataset": {
+                dataset: _without_rows(by_dataset[dataset].summary()) for dataset in sorted(by_dataset)
+            },
             "threshold": threshold,
             "model": str(model_path),
             "data": [str(root) for root in roots] if split is None else [f"validation split of {split}"],
@@ -154,6 +161,10 @@ def evaluate(
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _without_rows(summary: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in summary.items() if key != "per_image"}
 
 
 def record_in_card(card_path: Path, model_path: Path, summary: dict[str, Any], label: str) -> dict[str, Any]:
