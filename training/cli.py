@@ -88,7 +88,13 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
     parser.add_argument("--workers", type=_positive_int, default=defaults.workers)
-    parser.add_argument("--steps-per-epoch", type=_positive_int, default=None)
+    parser.add_argument(
+        "--steps-per-epoch",
+        type=_positive_int,
+        default=None,
+        metavar="S",
+        help="batches per epoch, wrapping around the data (default: one pass over it)",
+    )
     parser.add_argument("--max-images", type=_positive_int, default=None)
     parser.set_defaults(handler=_run_train)
 

@@ -93,6 +93,7 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
         seed=cfg.seed,
         shuffle=True,
         workers=cfg.workers,
+        steps_per_epoch=cfg.steps_per_epoch,  # wraps around the data: fit's own would cut epochs short
     )
     val_data = SegmentationDataset(
         val_samples,
@@ -123,7 +124,6 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
         )
         compile_model(model, cfg)
 
-    steps = cfg.steps_per_epoch or len(train_data)
     best_checkpoint = keras.callbacks.ModelCheckpoint(best_path, monitor="val_loss", save_best_only=True)
     reduce_lr = keras.callbacks.ReduceLROnPlateau(
         monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr, verbose=1
@@ -133,7 +133,7 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
     )
     callbacks = [
         EpochSync(train_data),
-        Throughput(images_per_epoch=min(steps * cfg.batch_size, len(train_samples))),
+        Throughput(images_per_epoch=train_data.images_per_epoch, batch_size=cfg.batch_size),
         best_checkpoint,
         keras.callbacks.ModelCheckpoint(last_path),
         reduce_lr,
@@ -149,7 +149,6 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
             validation_data=val_data,
             epochs=cfg.epochs,
             initial_epoch=initial_epoch,
-            steps_per_epoch=cfg.steps_per_epoch,
             callbacks=callbacks,
             shuffle=False,  # the dataset shuffles itself, seeded by epoch
             verbose=2,
