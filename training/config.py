@@ -26,6 +26,10 @@ class TrainConfig:
     encoder_weights: str = field(
         default="imagenet", metadata={"help": "imagenet (downloaded), none, or a path to a weights file"}
     )
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "warm start: the weights (not the optimizer state) of a .keras checkpoint"},
+    )
     decoder_filters: tuple[int, ...] = field(
         default=(512, 256, 128, 64, 32), metadata={"help": "decoder widths, deepest stage first"}
     )

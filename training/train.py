@@ -17,7 +17,7 @@ from typing import Any
 import keras
 
 from training.callbacks import CurvePlotter, ResumableState, Throughput, read_history
-from training.config import TrainConfig
+from training.config import ConfigError, TrainConfig
 from training.data import DataError, load_samples
 from training.dataset import EpochSync, SegmentationDataset
 from training.losses import get_loss
@@ -38,6 +38,49 @@ def compile_model(model: keras.Model, cfg: TrainConfig) -> None:
             keras.metrics.Recall(name="sensitivity"),
         ],
     )
+
+
+def warm_start(model: keras.Model, checkpoint: Path) -> None:
+    """Copies the weights of a ``.keras`` checkpoint into ``model``; the optimizer state stays behind.
+
+    The checkpoint must hold the same network: the same layers, by name, with weights of the same shapes.
+    The input size may differ (the networks are fully convolutional), so a run at 256 px can start from
+    one at 192 px.
+
+    Raises:
+        ConfigError: the checkpoint is missing, unreadable, or another network.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ConfigError(f"init from: no such checkpoint: {checkpoint}")
+    try:
+        source = keras.models.load_model(checkpoint, compile=False)
+    except Exception as error:  # Keras raises ValueError, OSError, TypeError … for unreadable files
+        raise ConfigError(f"init from: cannot load {checkpoint}: {error}") from None
+    wanted, found = _weight_shapes(model), _weight_shapes(source)
+    if wanted != found:
+        difference = next(
+            (
+                f"{here[0]} {here[1]} here, {there[0]} {there[1]} there"
+                for here, there in zip(wanted, found, strict=False)
+                if here != there
+            ),
+            f"{len(wanted)} layers with weights here, {len(found)} there",
+        )
+        raise ConfigError(
+            f"init from: {checkpoint} holds another network than this run's (first difference: "
+            f"{difference}); warm-start only from a checkpoint of the same --arch and widths"
+        )
+    model.set_weights(source.get_weights())
+    logger.info("initialized the weights from %s (its optimizer state is not used)", checkpoint)
+
+
+def _weight_shapes(model: keras.Model) -> list[tuple[str, list[tuple[int, ...]]]]:
+    return [
+        (layer.name, [tuple(int(size) for size in weight.shape) for weight in layer.weights])
+        for layer in model.layers
+        if layer.weights
+    ]
 
 
 def _prepare_run(
@@ -70,6 +113,8 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
         resume: a run directory to continue from its last checkpoint.
         epochs: with ``resume``, a new total number of epochs.
     """
+    if cfg is not None and resume is None and cfg.init_from and not Path(cfg.init_from).is_file():
+        raise ConfigError(f"init from: no such checkpoint: {cfg.init_from}")  # before making the run
     cfg, run_dir = _prepare_run(cfg, resume, epochs)
     keras.utils.set_random_seed(cfg.seed)
     keras.mixed_precision.set_global_policy(cfg.precision)
@@ -122,6 +167,8 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
             unet_base_filters=cfg.unet_base_filters,
             dropout_rate=cfg.dropout_rate,
         )
+        if cfg.init_from:
+            warm_start(model, Path(cfg.init_from))
         compile_model(model, cfg)
 
     best_checkpoint = keras.callbacks.ModelCheckpoint(best_path, monitor="val_loss", save_best_only=True)
