@@ -123,7 +123,8 @@ def load_labelled_photos(
 
     Missing data is not an error: the result is then empty and says why in ``source``.
     """
-    from training.data import DataError, load_samples, load_split
+    from training.data import DataError, load_samples
+    from training.split import load_split
 
     validation, rest, source = [], [], "none"
     if split is not None and split.is_file():

@@ -22,7 +22,7 @@ from service.pipeline import DEFAULT_THRESHOLD, Pipeline
 
 logger = logging.getLogger(__name__)
 
-#: Names of the ONNX contract (see docs and training/export.py).
+#: Names of the ONNX contract (see docs and training/export/convert.py).
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
 #: Keys of the ONNX metadata_props written by the export.

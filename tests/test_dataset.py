@@ -106,6 +106,38 @@ def test_shuffle_reorders_every_epoch_and_no_shuffle_keeps_the_order(samples: li
     assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
 
 
+def test_fixed_length_epochs_wrap_around_the_data(samples: list[Sample]) -> None:
+    """5 full batches of 3 per epoch from 7 images: epochs are windows on a stream of whole passes."""
+    wrapping = _dataset(samples, augment=False, steps_per_epoch=5)
+    one_pass, _ = _epoch(_dataset(samples, augment=False, shuffle=False))
+    reference = sorted(image.tobytes() for image in one_pass)
+
+    assert len(wrapping) == 5 and wrapping.images_per_epoch == 15
+    stream = []
+    for _ in range(7):  # 7 epochs of 15 images are 15 passes of 7
+        x, _ = _epoch(wrapping)
+        assert len(x) == 15, "every batch is full"
+        stream.extend(image.tobytes() for image in x)
+        wrapping.on_epoch_end()
+    for start in range(0, len(stream), 7):
+        assert sorted(stream[start : start + 7]) == reference, "each pass holds every image once"
+    assert stream[:7] != stream[7:14], "each pass has its own order"
+
+    resumed = _dataset(samples, augment=False, steps_per_epoch=5)
+    resumed.set_epoch(3)
+    assert [image.tobytes() for image in _epoch(resumed)[0]] == stream[45:60]
+    with pytest.raises(ValueError, match="steps per epoch"):
+        _dataset(samples, steps_per_epoch=0)
+
+
+def test_fixed_length_epochs_augment_each_pass_anew(samples: list[Sample]) -> None:
+    # 3 batches of 3 from 7 images, in a fixed order: the epoch's last two images start the next pass.
+    dataset = _dataset(samples, shuffle=False, steps_per_epoch=3)
+    x, _ = _epoch(dataset)
+    np.testing.assert_array_equal(_dataset(samples, shuffle=False, steps_per_epoch=3)[2][0], x[6:])
+    assert not np.array_equal(x[7:9], x[0:2]), "the same images, another pass: another augmentation"
+
+
 def test_augmentation_changes_between_epochs_and_set_epoch_replays_one(samples: list[Sample]) -> None:
     dataset = _dataset(samples, shuffle=False)
     x_epoch0, _ = dataset[0]

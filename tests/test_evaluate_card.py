@@ -67,3 +67,24 @@ def test_a_card_of_another_file_is_refused(
     err = capsys.readouterr().err
     assert "describes a file with sha256" in err and "Traceback" not in err
     assert json.loads(card.read_text())["evaluation"] == []
+
+
+def test_each_source_is_scored_on_its_own(model_and_card: tuple[Path, Path], tmp_path: Path) -> None:
+    from tests.conftest import make_dataset
+    from training.evaluate import evaluate
+
+    model, _ = model_and_card
+    first = make_dataset(tmp_path / "first", "normalized", n=3, size=48, seed=0)
+    second = make_dataset(tmp_path / "second", "ph2", n=2, size=48, seed=10)
+
+    result = evaluate(model, [first, second])
+
+    per_dataset = result["per_dataset"]
+    assert {name: entry["n_images"] for name, entry in per_dataset.items()} == {"first": 3, "ph2": 2}
+    assert "per_image" not in per_dataset["ph2"]
+    rows = result["per_image"]  # sorted by dataset, then id: the first source's three images come first
+    for name, part in (("first", rows[:3]), ("ph2", rows[3:])):
+        mean_dice = sum(row["dice"] for row in part) / len(part)
+        assert per_dataset[name]["mean"]["dice"] == pytest.approx(mean_dice)
+    overall = (3 * per_dataset["first"]["mean"]["jaccard"] + 2 * per_dataset["ph2"]["mean"]["jaccard"]) / 5
+    assert result["mean"]["jaccard"] == pytest.approx(overall)

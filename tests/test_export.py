@@ -82,7 +82,8 @@ def dataset(workspace: Path) -> Path:
 def checkpoint(workspace: Path, dataset: Path) -> Path:
     """A run folder as `dermaseg train` leaves it: best.keras, config.json, split.json, an evaluation."""
     from training.config import TrainConfig
-    from training.data import load_samples, save_split
+    from training.data import load_samples
+    from training.split import save_split
 
     run_dir = workspace / "run"
     run_dir.mkdir()

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from service import oip
 from service.config import Settings
 from service.errors import ServiceError
-from service.pipeline import Segmentation
 from service.main import create_app
+from service.pipeline import Segmentation
 from service.routes import v2
 from tests.bad_inputs import encode, lesion
 from tests.conftest import serving

@@ -73,7 +73,8 @@ def test_training_lowers_the_loss(trained_run: tuple[Path, dict]) -> None:
 
 
 def test_split_is_seeded_and_saved(trained_run: tuple[Path, dict]) -> None:
-    from training.data import load_samples, load_split, split_samples
+    from training.data import load_samples
+    from training.split import load_split, split_samples
 
     out = trained_run[0]
     train_samples, val_samples = load_split(out / "split.json")
@@ -99,6 +100,46 @@ def test_resume_continues_where_it_stopped(dataset: Path, tmp_path: Path) -> Non
     assert history[0] == first[0]  # the first epoch was kept, not retrained
     assert summary["epochs_run"] == 3
     assert json.loads((out / "state.json").read_text())["epoch"] == 2
+
+
+def test_steps_per_epoch_wraps_around_the_data(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder
+) -> None:
+    """More steps per epoch than the data has batches repeat the data; no epoch is cut short (issue 12)."""
+    import training.train
+    from training.callbacks import Throughput
+    from training.train import train
+
+    epochs_seen: list[tuple[int, float]] = []
+
+    class CountingThroughput(Throughput):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            super().on_epoch_begin(epoch, logs)
+            self.steps_counted = 0
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            super().on_train_batch_end(batch, logs)
+            self.steps_counted += 1
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            super().on_epoch_end(epoch, logs)
+            assert logs is not None
+            # The images the rate was computed from: rate × the seconds it was measured over.
+            epochs_seen.append((self.steps_counted, logs["images_per_second"] * self._train_seconds))
+
+    monkeypatch.setattr(training.train, "Throughput", CountingThroughput)
+    # 13 training images at batch 4 are 4 batches; 7 steps of 4 images each are 28: two passes and more.
+    cfg = tiny_config(
+        dataset, tmp_path / "wrap", arch="unet", unet_base_filters=4, epochs=3, steps_per_epoch=7
+    )
+    summary = train(cfg)
+
+    assert summary["train_images"] == 13
+    assert [steps for steps, _ in epochs_seen] == [7, 7, 7]
+    assert [images for _, images in epochs_seen] == pytest.approx([28, 28, 28])
+    assert not [warning for warning in recwarn if "ran out of data" in str(warning.message)]
+    history = read_history(tmp_path / "wrap" / "history.csv")
+    assert [int(row["epoch"]) for row in history] == [0, 1, 2]
 
 
 def test_a_new_run_refuses_an_existing_run_directory(trained_run: tuple[Path, dict], dataset: Path) -> None:

@@ -64,24 +64,38 @@ class CurvePlotter(keras.callbacks.Callback):
 
 
 class Throughput(keras.callbacks.Callback):
-    """Logs training images per second for each epoch (validation excluded) into ``logs``."""
+    """Logs training images per second for each epoch (validation excluded) into ``logs``.
 
-    def __init__(self, images_per_epoch: int) -> None:
+    The images are counted from the steps the epoch really ran (``batch_size`` each, at most
+    ``images_per_epoch``), so an epoch that Keras cuts short does not report an inflated rate.
+    """
+
+    def __init__(self, images_per_epoch: int, batch_size: int | None = None) -> None:
         super().__init__()
         self.images_per_epoch = images_per_epoch
+        self.batch_size = batch_size
         self._start = 0.0
         self._train_seconds = 0.0
+        self._steps = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._start = time.perf_counter()
+        self._train_seconds = 0.0
+        self._steps = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._steps += 1
 
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._train_seconds = time.perf_counter() - self._start
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         seconds = self._train_seconds or (time.perf_counter() - self._start)
+        images = self.images_per_epoch
+        if self.batch_size is not None:
+            images = min(self._steps * self.batch_size, images)
         if logs is not None:
-            logs["images_per_second"] = self.images_per_epoch / max(seconds, 1e-9)
+            logs["images_per_second"] = images / max(seconds, 1e-9)
 
 
 def _number(value: Any) -> float | None:

@@ -66,7 +66,18 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--arch", choices=ARCHITECTURES, default=defaults.arch)
     parser.add_argument("--encoder-weights", default=defaults.encoder_weights, help="imagenet, none, or PATH")
     parser.add_argument(
-        "--decoder-filters", type=_positive_int, nargs=5, default=list(defaults.decoder_filters)
+        "--init-from",
+        type=_existing_path,
+        metavar="CHECKPOINT",
+        help="warm start: the weights (not the optimizer state) of a .keras checkpoint of the same network",
+    )
+    parser.add_argument(
+        "--decoder-filters",
+        type=_positive_int,
+        nargs=5,
+        default=list(defaults.decoder_filters),
+        metavar="W",
+        help="decoder widths, deepest stage first",
     )
     parser.add_argument("--unet-base-filters", type=_positive_int, default=defaults.unet_base_filters)
     parser.add_argument("--dropout-rate", type=float, default=defaults.dropout_rate)
@@ -88,7 +99,13 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
     parser.add_argument("--workers", type=_positive_int, default=defaults.workers)
-    parser.add_argument("--steps-per-epoch", type=_positive_int, default=None)
+    parser.add_argument(
+        "--steps-per-epoch",
+        type=_positive_int,
+        default=None,
+        metavar="S",
+        help="batches per epoch, wrapping around the data (default: one pass over it)",
+    )
     parser.add_argument("--max-images", type=_positive_int, default=None)
     parser.set_defaults(handler=_run_train)
 
@@ -109,6 +126,7 @@ def _run_train(args: argparse.Namespace) -> int:
                 out=str(args.out),
                 arch=args.arch,
                 encoder_weights=args.encoder_weights,
+                init_from=str(args.init_from) if args.init_from else None,
                 decoder_filters=tuple(args.decoder_filters),
                 unet_base_filters=args.unet_base_filters,
                 dropout_rate=args.dropout_rate,

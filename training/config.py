@@ -26,6 +26,10 @@ class TrainConfig:
     encoder_weights: str = field(
         default="imagenet", metadata={"help": "imagenet (downloaded), none, or a path to a weights file"}
     )
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "warm start: the weights (not the optimizer state) of a .keras checkpoint"},
+    )
     decoder_filters: tuple[int, ...] = field(
         default=(512, 256, 128, 64, 32), metadata={"help": "decoder widths, deepest stage first"}
     )
@@ -47,7 +51,9 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "seed for the split, the augmentation and the weights"})
     precision: str = field(default="float32", metadata={"help": "float32, mixed_bfloat16 or mixed_float16"})
     workers: int = field(default=2, metadata={"help": "data-loading workers (threads)"})
-    steps_per_epoch: int | None = field(default=None, metadata={"help": "cap on steps per epoch (tests)"})
+    steps_per_epoch: int | None = field(
+        default=None, metadata={"help": "batches per epoch, repeating the data as needed (default: one pass)"}
+    )
     max_images: int | None = field(default=None, metadata={"help": "use only the first N images (tests)"})
 
     def __post_init__(self) -> None:

@@ -57,7 +57,10 @@ class SegmentationDataset(keras.utils.PyDataset):
 
     Every pair is decoded once, at construction, and kept resized to ``S x S`` (uint8 and bool: 150 kB per
     image at 224 px). ``x`` is not normalized: the network scales its input itself, as the ONNX model does.
-    The last batch of an epoch may be smaller.
+
+    An epoch is one pass over the samples, its last batch possibly smaller; or, with ``steps_per_epoch``,
+    that many full batches cut from an endless stream of passes (each pass its own order and augmentation),
+    so that epochs of any length wrap around the data and together see every sample equally often.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class SegmentationDataset(keras.utils.PyDataset):
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
         progress: bool = True,
+        steps_per_epoch: int | None = None,
     ) -> None:
         """Loads every pair into memory.
 
@@ -87,16 +91,20 @@ class SegmentationDataset(keras.utils.PyDataset):
             use_multiprocessing: Keras' batch workers are processes, not threads.
             max_queue_size: batches Keras prepares ahead.
             progress: show a progress bar while loading.
+            steps_per_epoch: batches per epoch, taken from the stream of passes (None: one pass per epoch).
+                Give it here, not to ``model.fit``: Keras stops an epoch when a dataset runs out.
 
         Raises:
             DataError: no samples, or a pair cannot be read.
-            ValueError: ``image_size`` or ``batch_size`` below 1.
+            ValueError: ``image_size``, ``batch_size`` or ``steps_per_epoch`` below 1.
         """
         super().__init__(
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size
         )
         if image_size < 1 or batch_size < 1:
             raise ValueError(f"image size and batch size must be at least 1, not {image_size}, {batch_size}")
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ValueError(f"steps per epoch must be at least 1, not {steps_per_epoch}")
         if not samples:
             raise DataError("no samples to make a dataset of")
         self.samples = list(samples)
@@ -105,6 +113,7 @@ class SegmentationDataset(keras.utils.PyDataset):
         self.augment = augment
         self.seed = seed
         self.shuffle = shuffle
+        self.steps_per_epoch = steps_per_epoch
         self.epoch = 0
         self.images = np.empty((len(self.samples), image_size, image_size, 3), dtype=np.uint8)
         self.masks = np.empty((len(self.samples), image_size, image_size), dtype=bool)
@@ -120,27 +129,54 @@ class SegmentationDataset(keras.utils.PyDataset):
         self._order = self._order_for_epoch(0)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.samples) / self.batch_size)
+        return self.steps_per_epoch or math.ceil(len(self.samples) / self.batch_size)
+
+    @property
+    def images_per_epoch(self) -> int:
+        """Images one epoch feeds the network: the samples, or ``steps_per_epoch`` full batches."""
+        return self.steps_per_epoch * self.batch_size if self.steps_per_epoch else len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range for {len(self)} batches")
-        positions = self._order[index * self.batch_size : (index + 1) * self.batch_size]
-        x = np.empty((len(positions), self.image_size, self.image_size, 3), dtype=np.float32)
-        y = np.empty((len(positions), self.image_size, self.image_size, 1), dtype=np.float32)
+        items = self._batch_items(index)
+        x = np.empty((len(items), self.image_size, self.image_size, 3), dtype=np.float32)
+        y = np.empty((len(items), self.image_size, self.image_size, 1), dtype=np.float32)
         # One pipeline per batch: albumentations keeps per-call state, and batches run on several workers.
         transform = build_augmentation() if self.augment else None
-        for row, position in enumerate(positions):
+        for row, (position, data_pass) in enumerate(items):
             image, mask = self.images[position], self.masks[position]
             if transform is not None:
-                image, mask = augment_pair(transform, image, mask, seed=self.item_seed(int(position)))
+                seed = self.item_seed(position, data_pass)
+                image, mask = augment_pair(transform, image, mask, seed=seed)
             x[row] = image
             y[row, ..., 0] = mask
         return x, y
 
-    def item_seed(self, position: int) -> int:
-        """The augmentation seed of sample ``position`` (its index in ``samples``) in the current epoch."""
-        return int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0])
+    def _batch_items(self, index: int) -> list[tuple[int, int]]:
+        """``(position in samples, pass over the data)`` of each item of batch ``index`` of this epoch."""
+        if self.steps_per_epoch is None:
+            positions = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+            return [(int(position), self.epoch) for position in positions]
+        # The epoch's batches are a window on the stream of passes, at the epoch's own place in it.
+        start = (self.epoch * self.steps_per_epoch + index) * self.batch_size
+        count = len(self.samples)
+        orders: dict[int, np.ndarray] = {}
+        items = []
+        for item in range(start, start + self.batch_size):
+            data_pass = item // count
+            if data_pass not in orders:
+                orders[data_pass] = self._order_for_epoch(data_pass)
+            items.append((int(orders[data_pass][item % count]), data_pass))
+        return items
+
+    def item_seed(self, position: int, data_pass: int | None = None) -> int:
+        """The augmentation seed of sample ``position`` (its index in ``samples``) in a pass over the data.
+
+        A pass is an epoch unless ``steps_per_epoch`` is set; ``data_pass`` defaults to the current epoch.
+        """
+        data_pass = self.epoch if data_pass is None else data_pass
+        return int(np.random.SeedSequence([self.seed, data_pass, position]).generate_state(1)[0])
 
     def set_epoch(self, epoch: int) -> None:
         """Puts the dataset at the start of ``epoch`` (0-based), e.g. when resuming a run."""
@@ -151,10 +187,11 @@ class SegmentationDataset(keras.utils.PyDataset):
         """Advances to the next epoch: its own order (when shuffling) and its own augmentation."""
         self.set_epoch(self.epoch + 1)
 
-    def _order_for_epoch(self, epoch: int) -> np.ndarray:
+    def _order_for_epoch(self, data_pass: int) -> np.ndarray:
+        """The sample order of one pass over the data (an epoch unless ``steps_per_epoch`` is set)."""
         if not self.shuffle:
             return np.arange(len(self.samples))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+        return np.random.default_rng([self.seed, data_pass]).permutation(len(self.samples))
 
 
 class EpochSync(keras.callbacks.Callback):

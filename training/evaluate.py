@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,8 +20,9 @@ from tqdm import tqdm
 from service.imaging import decode_image, load_mask
 from service.inference import OnnxModel
 from service.pipeline import DEFAULT_THRESHOLD, Pipeline, Segmentation
-from training.data import DataError, Sample, load_samples, load_split
+from training.data import DataError, Sample, load_samples
 from training.metrics import MetricAccumulator
+from training.split import load_split
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +101,9 @@ def evaluate(
         samples: the images to score, instead of discovering ``roots``.
 
     Returns:
-        ``n_images``, ``threshold``, ``mean``, ``pooled``, ``thresholded_jaccard``, ``per_image`` and
-        what was evaluated.
+        ``n_images``, ``threshold``, ``mean``, ``pooled``, ``thresholded_jaccard``, ``per_image``,
+        ``per_dataset`` (the same figures for each source, without the per-image rows) and what was
+        evaluated.
     """
     if samples is None:
         if split is not None:
@@ -115,6 +118,7 @@ def evaluate(
         overlays.mkdir(parents=True, exist_ok=True)
 
     accumulator = MetricAccumulator()
+    by_dataset: dict[str, MetricAccumulator] = defaultdict(MetricAccumulator)
     progress = tqdm(total=len(samples), desc="evaluate", unit="img")
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
@@ -129,6 +133,7 @@ def evaluate(
                     f"{sample.mask_path}: mask is {truth.shape[::-1]} but image {photo.size[::-1]} (w, h)"
                 )
             scores = accumulator.add(sample.id, result.mask, truth)
+            by_dataset[sample.dataset].add(sample.id, result.mask, truth)
             if overlays is not None:
                 title = f"{sample.id}  Dice {scores['dice']:.3f}"
                 full = decode_image(sample.image_path)  # the figure shows the photo at its own size
@@ -139,6 +144,9 @@ def evaluate(
     summary = accumulator.summary()
     summary.update(
         {
+            "per_dataset": {
+                dataset: _without_rows(by_dataset[dataset].summary()) for dataset in sorted(by_dataset)
+            },
             "threshold": threshold,
             "model": str(model_path),
             "data": [str(root) for root in roots] if split is None else [f"validation split of {split}"],
@@ -155,6 +163,10 @@ def evaluate(
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _without_rows(summary: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in summary.items() if key != "per_image"}
 
 
 def record_in_card(card_path: Path, model_path: Path, summary: dict[str, Any], label: str) -> dict[str, Any]:

@@ -17,11 +17,12 @@ from typing import Any
 import keras
 
 from training.callbacks import CurvePlotter, ResumableState, Throughput, read_history
-from training.config import TrainConfig
-from training.data import DataError, load_samples, load_split, save_split, split_samples
+from training.config import ConfigError, TrainConfig
+from training.data import DataError, load_samples
 from training.dataset import EpochSync, SegmentationDataset
 from training.losses import get_loss
 from training.model import build_model
+from training.split import load_split, save_split, split_samples
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,49 @@ def compile_model(model: keras.Model, cfg: TrainConfig) -> None:
             keras.metrics.Recall(name="sensitivity"),
         ],
     )
+
+
+def warm_start(model: keras.Model, checkpoint: Path) -> None:
+    """Copies the weights of a ``.keras`` checkpoint into ``model``; the optimizer state stays behind.
+
+    The checkpoint must hold the same network: the same layers, by name, with weights of the same shapes.
+    The input size may differ (the networks are fully convolutional), so a run at 256 px can start from
+    one at 192 px.
+
+    Raises:
+        ConfigError: the checkpoint is missing, unreadable, or another network.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ConfigError(f"init from: no such checkpoint: {checkpoint}")
+    try:
+        source = keras.models.load_model(checkpoint, compile=False)
+    except Exception as error:  # Keras raises ValueError, OSError, TypeError … for unreadable files
+        raise ConfigError(f"init from: cannot load {checkpoint}: {error}") from None
+    wanted, found = _weight_shapes(model), _weight_shapes(source)
+    if wanted != found:
+        difference = next(
+            (
+                f"{here[0]} {here[1]} here, {there[0]} {there[1]} there"
+                for here, there in zip(wanted, found, strict=False)
+                if here != there
+            ),
+            f"{len(wanted)} layers with weights here, {len(found)} there",
+        )
+        raise ConfigError(
+            f"init from: {checkpoint} holds another network than this run's (first difference: "
+            f"{difference}); warm-start only from a checkpoint of the same --arch and widths"
+        )
+    model.set_weights(source.get_weights())
+    logger.info("initialized the weights from %s (its optimizer state is not used)", checkpoint)
+
+
+def _weight_shapes(model: keras.Model) -> list[tuple[str, list[tuple[int, ...]]]]:
+    return [
+        (layer.name, [tuple(int(size) for size in weight.shape) for weight in layer.weights])
+        for layer in model.layers
+        if layer.weights
+    ]
 
 
 def _prepare_run(
@@ -69,6 +113,8 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
         resume: a run directory to continue from its last checkpoint.
         epochs: with ``resume``, a new total number of epochs.
     """
+    if cfg is not None and resume is None and cfg.init_from and not Path(cfg.init_from).is_file():
+        raise ConfigError(f"init from: no such checkpoint: {cfg.init_from}")  # before making the run
     cfg, run_dir = _prepare_run(cfg, resume, epochs)
     keras.utils.set_random_seed(cfg.seed)
     keras.mixed_precision.set_global_policy(cfg.precision)
@@ -92,6 +138,7 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
         seed=cfg.seed,
         shuffle=True,
         workers=cfg.workers,
+        steps_per_epoch=cfg.steps_per_epoch,  # wraps around the data: fit's own would cut epochs short
     )
     val_data = SegmentationDataset(
         val_samples,
@@ -120,9 +167,10 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
             unet_base_filters=cfg.unet_base_filters,
             dropout_rate=cfg.dropout_rate,
         )
+        if cfg.init_from:
+            warm_start(model, Path(cfg.init_from))
         compile_model(model, cfg)
 
-    steps = cfg.steps_per_epoch or len(train_data)
     best_checkpoint = keras.callbacks.ModelCheckpoint(best_path, monitor="val_loss", save_best_only=True)
     reduce_lr = keras.callbacks.ReduceLROnPlateau(
         monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr, verbose=1
@@ -132,7 +180,7 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
     )
     callbacks = [
         EpochSync(train_data),
-        Throughput(images_per_epoch=min(steps * cfg.batch_size, len(train_samples))),
+        Throughput(images_per_epoch=train_data.images_per_epoch, batch_size=cfg.batch_size),
         best_checkpoint,
         keras.callbacks.ModelCheckpoint(last_path),
         reduce_lr,
@@ -148,7 +196,6 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
             validation_data=val_data,
             epochs=cfg.epochs,
             initial_epoch=initial_epoch,
-            steps_per_epoch=cfg.steps_per_epoch,
             callbacks=callbacks,
             shuffle=False,  # the dataset shuffles itself, seeded by epoch
             verbose=2,
