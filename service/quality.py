@@ -207,12 +207,13 @@ class ReasonLimits:
     Attributes:
         border_fraction: ``lesion_touches_border`` when the mask covers more than this share of the frame's
             edge.
-        expected_jaccard: ``low_confidence`` when the map's own expected Jaccard is below this.
+        mean_confidence: ``low_confidence`` when the mean probability inside the mask is below this (how
+            soft a network's maps are is its own: calibration sets it to a low quantile of unseen photos).
         largest_share: ``fragmented_outline`` when the largest region holds less than this share of the mask.
     """
 
     border_fraction: float = 0.1
-    expected_jaccard: float = 0.8
+    mean_confidence: float = 0.8
     largest_share: float = 0.9
 
 
@@ -279,7 +280,7 @@ class QualityEstimator:
         found = []
         if features.border_fraction > limits.border_fraction:
             found.append(LESION_TOUCHES_BORDER)
-        if features.expected_jaccard < limits.expected_jaccard:
+        if features.mean_confidence < limits.mean_confidence:
             found.append(LOW_CONFIDENCE)
         if features.largest_share < limits.largest_share:
             found.append(FRAGMENTED)
@@ -302,6 +303,24 @@ class QualityEstimator:
         if flagged:
             reasons = self.reasons(features) or (LOW_ESTIMATED_JACCARD,)
         return QualityAssessment(round(estimate, 4), flagged, reasons)
+
+    def assess_map(
+        self,
+        probability: np.ndarray,
+        threshold: float,
+        review_below: float | None = None,
+        *,
+        flipped_probability: np.ndarray | None = None,
+    ) -> QualityAssessment:
+        """:meth:`assess` straight from the network's ``(h, w[, 1])`` probability map (what a request calls).
+
+        Raises:
+            ValueError: the estimator reads ``flip_agreement`` and no mirrored map was given.
+        """
+        if self.needs_flip and flipped_probability is None:
+            raise ValueError("this estimator needs the mirrored pass's probabilities (flip_agreement)")
+        features = quality_features(probability, threshold, flipped_probability=flipped_probability)
+        return self.assess(features, review_below)
 
     def to_json(self) -> dict[str, Any]:
         return {

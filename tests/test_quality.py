@@ -1,4 +1,4 @@
-"""Outline quality: features of hand-made probability maps, the estimator file, and the calibration command."""
+"""Outline quality: features of hand-made probability maps, the estimator file, the calibration command."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.inference import sha256_file
 from service.quality import (
     FORMAT,
     LESION_TOUCHES_BORDER,
@@ -157,6 +158,7 @@ def test_estimates_are_bounded_and_deterministic() -> None:
         first = estimator.assess(quality_features(probability))
         assert 0.0 <= first.estimated_jaccard <= 1.0
         assert estimator.assess(quality_features(probability.copy())) == first
+    assert estimator.assess_map(disc_map()[..., None], 0.5) == estimator.assess(quality_features(disc_map()))
     extreme = QualityEstimator(terms=toy_estimator().terms, intercept=1e6)
     assert extreme.estimate(quality_features(disc_map())) == 1.0
 
@@ -197,6 +199,12 @@ def test_shipped_estimator_scores_easy_high_and_hard_low(shipped: QualityEstimat
         verdict = shipped.assess(quality_features(hard))
         assert verdict.estimated_jaccard < shipped.review_below and verdict.review_recommended
         assert verdict.reasons
+
+
+def test_shipped_estimator_was_calibrated_on_the_shipped_model(shipped: QualityEstimator) -> None:
+    """A new release model needs a new calibration (`dermaseg calibrate-quality`, see docs/quality.md)."""
+    QualityEstimator.load(SHIPPED_ESTIMATOR, model_sha256=sha256_file(SHIPPED_MODEL))
+    assert shipped.calibration["test"]["n_images"] > 1000
 
 
 # --- calibration -------------------------------------------------------------------------------------------

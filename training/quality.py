@@ -21,7 +21,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,10 @@ REPORTED_FEATURES = (
     "components",
     "largest_share",
 )
+#: Review thresholds the report's trade-off table lists.
+TRADE_OFF = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85)
+#: ``low_confidence`` is named when a mask's mean confidence is below this quantile of the fit photos'.
+LOW_CONFIDENCE_QUANTILE = 0.25
 #: Ridge penalty on the standardized weights (keeps the fit stable when features are correlated).
 RIDGE = 1e-3
 #: The manifest column that groups several photos of one lesion (HAM10000).
@@ -323,10 +327,10 @@ def score_rows(
     truth = np.array([row.jaccard for row in rows])
     failed = truth < ISIC_JACCARD_CUTOFF
     flagged = estimates < review_below
-    reason_counts: dict[str, int] = defaultdict(int)
+    reason_rows: dict[str, list[bool]] = defaultdict(list)
     for row in rows:
         for reason in estimator.assess(row.features, review_below).reasons:
-            reason_counts[reason] += 1
+            reason_rows[reason].append(row.failed)
     return {
         "n_images": len(rows),
         "failures": int(failed.sum()),
@@ -339,8 +343,30 @@ def score_rows(
         "flagged_share": float(flagged.mean()) if rows else float("nan"),
         "failures_caught": float(flagged[failed].mean()) if failed.any() else float("nan"),
         "failure_rate_among_flagged": float(failed[flagged].mean()) if flagged.any() else float("nan"),
-        "reasons": dict(sorted(reason_counts.items())),
+        "reasons": {
+            reason: {"count": len(outcomes), "failure_rate": float(np.mean(outcomes))}
+            for reason, outcomes in sorted(reason_rows.items())
+        },
     }
+
+
+def threshold_table(
+    estimator: QualityEstimator, rows: Sequence[QualityRow], thresholds: Sequence[float] = TRADE_OFF
+) -> list[dict[str, float]]:
+    """Share flagged and share of failures caught at several review thresholds (for DERMASEG_REVIEW_BELOW)."""
+    estimates = np.array([estimator.estimate(row.features) for row in rows])
+    failed = np.array([row.failed for row in rows])
+    table = []
+    for threshold in thresholds:
+        flagged = estimates < threshold
+        table.append(
+            {
+                "review_below": threshold,
+                "flagged_share": float(flagged.mean()),
+                "failures_caught": float(flagged[failed].mean()) if failed.any() else float("nan"),
+            }
+        )
+    return table
 
 
 def feature_aurocs(rows: Sequence[QualityRow], names: Sequence[str]) -> dict[str, dict[str, float | str]]:
@@ -425,6 +451,9 @@ def calibrate(
     estimator = fit_estimator(fit_rows)
     fit_estimates = np.array([estimator.estimate(row.features) for row in fit_rows])
     review_below = youden_threshold(fit_estimates, np.array([row.failed for row in fit_rows]))
+    confidences = [row.features.mean_confidence for row in fit_rows if row.features.found]
+    limits = ReasonLimits(mean_confidence=round(float(np.quantile(confidences, LOW_CONFIDENCE_QUANTILE)), 3))
+    estimator = replace(estimator, review_below=review_below, reason_limits=limits)
     assessment_cost_ms = _assessment_ms(estimator, test_rows)
 
     report: dict[str, Any] = {
@@ -446,10 +475,14 @@ def calibrate(
         "estimator": {"terms": [f"{kind}({name})" for name, kind in DEFAULT_TERMS], "link": "sigmoid"},
         "review_below": review_below,
         "review_below_chosen_by": "Youden's J (caught share of failures − flagged share of successes) on fit",
+        "reason_limits": asdict(limits),
+        "reason_limits_chosen_by": f"low_confidence: the {LOW_CONFIDENCE_QUANTILE:.0%} quantile of the fit "
+        "photos' mean confidence; the others fixed",
         "test": score_rows(estimator, test_rows, review_below),
         "test_per_source": {
             name: score_rows(estimator, part, review_below) for name, part in by_source(test_rows).items()
         },
+        "test_trade_off": threshold_table(estimator, test_rows),
         "fit": score_rows(estimator, fit_rows, review_below),
         "feature_auroc_test": feature_aurocs(test_rows, REPORTED_FEATURES),
         "cost": {**timings, "features_and_estimate_ms": timings.get("features_ms", 0.0) + assessment_cost_ms},
@@ -478,14 +511,7 @@ def calibrate(
         "date": report["date"],
         "command": "dermaseg calibrate-quality",
     }
-    final = QualityEstimator(
-        terms=estimator.terms,
-        intercept=estimator.intercept,
-        review_below=review_below,
-        reason_limits=ReasonLimits(),
-        model_sha256=report["model_sha256"],
-        calibration=_without_nan(calibration),
-    )
+    final = replace(estimator, model_sha256=report["model_sha256"], calibration=_without_nan(calibration))
     out.parent.mkdir(parents=True, exist_ok=True)
     final.save(out)
     report = _without_nan(report)
