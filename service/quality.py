@@ -104,8 +104,9 @@ def _as_map(probability: np.ndarray) -> np.ndarray:
 
 def _outline_length(mask: np.ndarray) -> int:
     """Edges between mask and background pixels (4-neighbours), the frame counting as background."""
-    padded = np.pad(mask, 1).astype(np.int8)
-    return int(np.abs(np.diff(padded, axis=0)).sum() + np.abs(np.diff(padded, axis=1)).sum())
+    inner = np.count_nonzero(mask[1:] != mask[:-1]) + np.count_nonzero(mask[:, 1:] != mask[:, :-1])
+    frame = np.count_nonzero(mask[0]) + np.count_nonzero(mask[-1]) + np.count_nonzero(mask[:, 0])
+    return int(inner + frame + np.count_nonzero(mask[:, -1]))
 
 
 def _border_fraction(mask: np.ndarray) -> float:
@@ -136,14 +137,13 @@ def quality_features(
     p = _as_map(probability)
     mask = p >= threshold
     area = int(mask.sum())
-    inside = float(p[mask].sum())
-    outside = float(p[~mask].sum())
+    inside = float(p.sum(where=mask, dtype=np.float64))
+    outside = float(p.sum(dtype=np.float64)) - inside
     uncertain = int(np.count_nonzero((p > UNCERTAIN_LOW) & (p < UNCERTAIN_HIGH)))
     outline = _outline_length(mask)
     if area:
         labels, components = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-        sizes = np.bincount(labels.ravel())[1:]
-        largest_share = float(sizes.max()) / area
+        largest_share = float(np.bincount(labels[mask]).max()) / area
     else:
         components, largest_share = 0, 0.0
     flip_agreement = None
