@@ -7,7 +7,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-fast lint openapi bench load reproduce release-eval report smoke clean
+.PHONY: help serve test test-fast lint openapi bench load reproduce release-eval calibrate-quality report smoke clean
 
 help: ## list the tasks
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -92,6 +92,12 @@ release-eval: $(BIN)/.dev-deps ## score the shipped model: its validation split 
 	  --flip-tta --largest-component --fill-holes
 	$(RELEASE_EVAL) --data $(DATA)/samples --out $(RELEASE_RUN)/eval_samples.json \
 	  --overlays $(RELEASE_RUN)/overlays_samples
+
+calibrate-quality: $(BIN)/.dev-deps ## fit models/dermaseg.quality.json on unseen photos, report in docs/quality-calibration.json
+	nice -n 10 $(BIN)/python -m training.cli calibrate-quality --model models/dermaseg.onnx --card models/dermaseg.json \
+	  --data $(DATA)/ham10000 --data $(DATA)/isic2017_train --data $(DATA)/ph2 --max-per-source 3000 --seed 14 \
+	  --flip-agreement --rows runs/quality/rows.csv --out models/dermaseg.quality.json \
+	  --report docs/quality-calibration.json
 
 report: $(BIN)/.dev-deps ## write docs/results.md from the run directories in runs/
 	$(BIN)/python -m training.report

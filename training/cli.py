@@ -296,6 +296,44 @@ def _run_predict(args: argparse.Namespace) -> int:
     return predict_cli(args)
 
 
+# --- calibrate-quality -----------------------------------------------------------------------------
+
+
+def _add_calibrate_quality(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate-quality",
+        help="fit the outline-quality estimator (estimated Jaccard, review flag) on unseen photos",
+        description="Run the ONNX model over photos it never trained on, compute each mask's quality "
+        "features and true Jaccard, fit the estimator and its review threshold on part of the lesions "
+        "and report AUROC for failures, Spearman, MAE, flagged share and failures caught on the rest.",
+    )
+    parser.add_argument("--model", type=_existing_path, required=True, help="the .onnx model")
+    parser.add_argument("--data", action="append", type=_existing_dir, help="dataset folder (repeatable)")
+    parser.add_argument(
+        "--card", type=_existing_path, help="the model's card: photos it lists as trained on are left out"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="estimator file (models/NAME.quality.json)")
+    parser.add_argument("--report", type=Path, required=True, help="evaluation report (JSON) to write")
+    parser.add_argument("--rows", type=Path, help="also write per-photo features and Jaccards (CSV)")
+    parser.add_argument("--from-rows", type=_existing_path, help="refit from such a CSV, without the network")
+    parser.add_argument("--max-per-source", type=_positive_int, default=3000, help="photos per dataset")
+    parser.add_argument("--test-fraction", type=_probability, default=0.5, help="lesions held out")
+    parser.add_argument("--seed", type=int, default=14)
+    parser.add_argument(
+        "--flip-agreement", action="store_true", help="also measure a mirrored pass (not used by default)"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.set_defaults(handler=_run_calibrate_quality)
+
+
+def _run_calibrate_quality(args: argparse.Namespace) -> int:
+    from training.quality import calibrate_cli
+
+    if not args.data and args.from_rows is None:
+        raise CommandError("calibrate-quality needs --data folders (or --from-rows CSV)")
+    return calibrate_cli(args)
+
+
 # --- serve -----------------------------------------------------------------------------------------
 
 
@@ -319,6 +357,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_evaluate,
     _add_export,
     _add_predict,
+    _add_calibrate_quality,
     _add_serve,
 )
 
