@@ -94,7 +94,7 @@ class TrainConfig:
     ema_momentum: float = field(default=0.99, metadata={"help": "EMA momentum (per step)"})
     lr_factor: float = field(default=0.2, metadata={"help": "ReduceLROnPlateau factor"})
     lr_patience: int = field(default=5, metadata={"help": "ReduceLROnPlateau patience (epochs)"})
-    min_lr: float = field(default=1e-6, metadata={"help": "ReduceLROnPlateau floor"})
+    min_lr: float = field(default=1e-6, metadata={"help": "learning-rate floor (plateau and cosine)"})
     early_stopping_patience: int = field(default=10, metadata={"help": "EarlyStopping patience (epochs)"})
     val_fraction: float = field(default=0.2, metadata={"help": "share of images held out for validation"})
     seed: int = field(default=42, metadata={"help": "seed for the split, the augmentation and the weights"})
