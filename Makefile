@@ -7,7 +7,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-fast lint openapi bench load reproduce release-eval calibrate-quality report smoke clean
+.PHONY: help serve test test-fast lint openapi bench load reproduce release-eval calibrate-quality report loso loso-compare smoke clean
 
 help: ## list the tasks
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -101,6 +101,36 @@ calibrate-quality: $(BIN)/.dev-deps ## fit models/dermaseg.quality.json on unsee
 
 report: $(BIN)/.dev-deps ## write docs/results.md from the run directories in runs/
 	$(BIN)/python -m training.report
+
+# Leave-one-source-out ranking of recipe options (issue 12): train on PH2 + HAM10000 without the ISIC 2017
+# training images, small and short, then score on those. `make loso NAME=base`, then e.g.
+# `make loso NAME=jaccard RECIPE="--loss focal+jaccard"` and `make loso-compare A=base B=jaccard`.
+# Rerunning `make loso NAME=...` resumes an interrupted run (--resume) before scoring it. Never add
+# --init-from runs/release/best.keras here: release 1.0.0 was trained on isic2017_train.
+NAME ?= base
+RECIPE ?=
+LOSO_SIZE ?= 128
+LOSO_EPOCHS ?= 12
+LOSO_STEPS ?= 60
+# Release 1.0.0's network and schedule (its card), small and short; RECIPE's options come after and win.
+LOSO_OPTS ?= --encoder-weights none --decoder-filters 256 128 64 32 16 --precision mixed_bfloat16 \
+  --learning-rate 5e-4 --lr-patience 3 --early-stopping-patience 8 --val-fraction 0.1
+LOSO_HELD_OUT ?= $(DATA)/isic2017_train
+LOSO_RUN = runs/loso-$(NAME)
+loso: $(BIN)/.dev-deps ## leave-one-source-out: train RECIPE="..." on PH2 + HAM10000 into runs/loso-NAME, score on ISIC 2017
+	if [ -f $(LOSO_RUN)/config.json ]; then \
+	  $(BIN)/dermaseg train --resume $(LOSO_RUN); \
+	else \
+	  $(BIN)/dermaseg train --data $(DATA)/ph2 --data $(DATA)/ham10000 --out $(LOSO_RUN) \
+	    --image-size $(LOSO_SIZE) --epochs $(LOSO_EPOCHS) --steps-per-epoch $(LOSO_STEPS) $(LOSO_OPTS) $(RECIPE); \
+	fi
+	$(BIN)/dermaseg evaluate --model $(LOSO_RUN)/best.keras --data $(LOSO_HELD_OUT) \
+	  --out $(LOSO_RUN)/eval_held_out.json
+
+A ?= base
+B ?= $(NAME)
+loso-compare: $(BIN)/.dev-deps ## paired comparison of two leave-one-source-out runs: A=NAME B=NAME
+	$(BIN)/python -m training.compare runs/loso-$(A)/eval_held_out.json runs/loso-$(B)/eval_held_out.json
 
 SMOKE_PHOTO ?= $(DATA)/samples/images/ISIC_0009995.jpg
 

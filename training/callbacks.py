@@ -1,4 +1,4 @@
-"""Keras callbacks of a run: curve plots, throughput, and the state that `--resume` needs."""
+"""Keras callbacks of a run: curve plots, throughput, EMA weights, and the state that `--resume` needs."""
 
 from __future__ import annotations
 
@@ -107,14 +107,14 @@ class ResumableState(keras.callbacks.Callback):
 
     Keras resets ReduceLROnPlateau, EarlyStopping and ModelCheckpoint at the start of ``fit``; this
     callback (placed after them) puts their counters back from ``state.json``, and EarlyStopping's best
-    weights from the best checkpoint.
+    weights from the best checkpoint. ``reduce_lr`` is None where the learning rate follows a schedule.
     """
 
     def __init__(
         self,
         path: Path,
         best_checkpoint: Path,
-        reduce_lr: keras.callbacks.ReduceLROnPlateau,
+        reduce_lr: keras.callbacks.ReduceLROnPlateau | None,
         early_stopping: keras.callbacks.EarlyStopping,
         checkpoint: keras.callbacks.ModelCheckpoint,
     ) -> None:
@@ -129,9 +129,10 @@ class ResumableState(keras.callbacks.Callback):
         if not self.path.is_file():
             return
         state = json.loads(self.path.read_text())
-        self.reduce_lr.best = state["reduce_lr"]["best"]
-        self.reduce_lr.wait = state["reduce_lr"]["wait"]
-        self.reduce_lr.cooldown_counter = state["reduce_lr"]["cooldown_counter"]
+        if self.reduce_lr is not None and state.get("reduce_lr"):
+            self.reduce_lr.best = state["reduce_lr"]["best"]
+            self.reduce_lr.wait = state["reduce_lr"]["wait"]
+            self.reduce_lr.cooldown_counter = state["reduce_lr"]["cooldown_counter"]
         self.early_stopping.best = state["early_stopping"]["best"]
         self.early_stopping.wait = state["early_stopping"]["wait"]
         self.early_stopping.best_epoch = state["early_stopping"]["best_epoch"]
@@ -143,7 +144,9 @@ class ResumableState(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         state = {
             "epoch": epoch,
-            "reduce_lr": {
+            "reduce_lr": None
+            if self.reduce_lr is None
+            else {
                 "best": _number(self.reduce_lr.best),
                 "wait": int(self.reduce_lr.wait),
                 "cooldown_counter": int(self.reduce_lr.cooldown_counter),
@@ -156,3 +159,78 @@ class ResumableState(keras.callbacks.Callback):
             "checkpoint_best": _number(self.checkpoint.best),
         }
         self.path.write_text(json.dumps(state, indent=2) + "\n")
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Writes the optimizer's current learning rate into ``logs`` (a schedule's value at this step).
+
+    ReduceLROnPlateau logs the rate itself; a scheduled run has no such callback, so this one keeps the
+    ``learning_rate`` column of ``history.csv``.
+    """
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+def _ema_optimizer(optimizer: keras.optimizers.Optimizer, built: bool = True) -> keras.optimizers.Optimizer:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer under mixed_float16
+    if not getattr(inner, "use_ema", False):
+        raise ValueError("the model's optimizer keeps no moving average: compile it with use_ema=True")
+    if built and not hasattr(inner, "_model_variables_moving_average"):
+        raise ValueError("the optimizer has not been built yet: it holds no moving average to swap")
+    return inner
+
+
+def swap_ema_weights(model: keras.Model) -> None:
+    """Exchanges the model's weights with its optimizer's moving average of them, in place.
+
+    Keras 3 (3.15) keeps the average in the optimizer's private ``_model_variables_moving_average``, in the
+    order of its ``_trainable_variables``, as its own ``keras.callbacks.SwapEMAWeights`` does.
+    """
+    optimizer = _ema_optimizer(model.optimizer)
+    for variable, average in zip(
+        optimizer._trainable_variables, optimizer._model_variables_moving_average, strict=True
+    ):
+        if average is None:
+            continue
+        current = keras.ops.convert_to_numpy(variable)
+        variable.assign(average)
+        average.assign(current)
+
+
+class EmaWeights(keras.callbacks.Callback):
+    """Validates and checkpoints the moving average of the weights that an optimizer with ``use_ema`` keeps.
+
+    Keras copies the average into the model only when ``fit`` ends, so validation, ModelCheckpoint and
+    EarlyStopping would otherwise all see the raw weights. This callback (placed before them) swaps the
+    average in as validation begins, keeps it in through ``on_epoch_end`` (so ``val_loss``, ``best.keras``
+    and ``last.keras`` are the average's) and swaps it out as the next epoch begins. A checkpoint saved so
+    holds the average as the model's weights and the raw weights in the optimizer's average slots: call
+    :func:`swap_ema_weights` once after loading one to continue training from it.
+
+    When ``fit`` returns, the model in memory holds raw weights (Keras ends by copying the optimizer's
+    slots, which then hold the raw ones, into the model): use the checkpoints.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.average_in_model = False
+
+    def _put_average_in(self, wanted: bool) -> None:
+        if self.average_in_model != wanted:
+            swap_ema_weights(self.model)
+            self.average_in_model = wanted
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        _ema_optimizer(self.model.optimizer, built=False)  # fail before the first epoch, not after it
+        self.average_in_model = False
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._put_average_in(False)
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._put_average_in(True)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._put_average_in(True)

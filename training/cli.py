@@ -10,9 +10,19 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 
-from training.config import ARCHITECTURES, LOSSES, PRECISIONS, ConfigError, TrainConfig
+from training.config import (
+    ARCHITECTURES,
+    LOSSES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    ConfigError,
+    TrainConfig,
+    parse_source_weights,
+)
 
 logger = logging.getLogger("dermaseg")
 
@@ -49,7 +59,32 @@ def _existing_path(text: str) -> Path:
     return path
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
+
+
+def _source_weights(text: str) -> str:
+    try:
+        parse_source_weights(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 # --- train -----------------------------------------------------------------------------------------
+
+#: The help text of each TrainConfig field, so the flags and config.json describe an option alike.
+TRAIN_HELP = {option.name: option.metadata.get("help") for option in fields(TrainConfig)}
 
 
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
@@ -106,8 +141,51 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="batches per epoch, wrapping around the data (default: one pass over it)",
     )
-    parser.add_argument("--max-images", type=_positive_int, default=None)
+    parser.add_argument("--max-images", type=_positive_int, default=None, help=TRAIN_HELP["max_images"])
+    _add_recipe_options(parser, defaults)
     parser.set_defaults(handler=_run_train)
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """The release-recipe options (issue 12); each default is the paper's recipe."""
+    recipe = parser.add_argument_group("release-recipe options (defaults: the paper's recipe)")
+    recipe.add_argument(
+        "--region-weight", type=_non_negative_float, default=None, help=TRAIN_HELP["region_weight"]
+    )
+    recipe.add_argument(
+        "--rotation-degrees",
+        type=_non_negative_float,
+        default=defaults.rotation_degrees,
+        help=TRAIN_HELP["rotation_degrees"],
+    )
+    recipe.add_argument("--zoom", type=_non_negative_float, default=defaults.zoom, help=TRAIN_HELP["zoom"])
+    recipe.add_argument("--photometric", action="store_true", help=TRAIN_HELP["photometric"])
+    recipe.add_argument(
+        "--source-weights",
+        type=_source_weights,
+        default=defaults.source_weights,
+        metavar="none|balanced|NAME=W,...",
+        help=TRAIN_HELP["source_weights"],
+    )
+    recipe.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help=TRAIN_HELP["optimizer"]
+    )
+    recipe.add_argument(
+        "--weight-decay", type=_non_negative_float, default=None, help=TRAIN_HELP["weight_decay"]
+    )
+    recipe.add_argument(
+        "--schedule", choices=SCHEDULES, default=defaults.schedule, help=TRAIN_HELP["schedule"]
+    )
+    recipe.add_argument(
+        "--warmup-epochs",
+        type=_non_negative_int,
+        default=defaults.warmup_epochs,
+        help=TRAIN_HELP["warmup_epochs"],
+    )
+    recipe.add_argument("--ema", action="store_true", help=TRAIN_HELP["ema"])
+    recipe.add_argument(
+        "--ema-momentum", type=float, default=defaults.ema_momentum, help=TRAIN_HELP["ema_momentum"]
+    )
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -148,6 +226,17 @@ def _run_train(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 steps_per_epoch=args.steps_per_epoch,
                 max_images=args.max_images,
+                region_weight=args.region_weight,
+                rotation_degrees=args.rotation_degrees,
+                zoom=args.zoom,
+                photometric=args.photometric,
+                source_weights=args.source_weights,
+                optimizer=args.optimizer,
+                weight_decay=args.weight_decay,
+                schedule=args.schedule,
+                warmup_epochs=args.warmup_epochs,
+                ema=args.ema,
+                ema_momentum=args.ema_momentum,
             )
         except ConfigError as error:
             raise CommandError(str(error)) from None

@@ -10,8 +10,9 @@ itself; Keras' own shuffling would only reorder whole batches with Python's glob
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import keras
 import numpy as np
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from service.imaging import ImageDecodeError, decode_image, load_mask, resize_image, resize_mask
 from training.augment import augment_pair, build_augmentation
 from training.data import DataError, Sample
+from training.sampling import SourceSampler
 
 
 def load_pair(sample: Sample, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,6 +63,8 @@ class SegmentationDataset(keras.utils.PyDataset):
     An epoch is one pass over the samples, its last batch possibly smaller; or, with ``steps_per_epoch``,
     that many full batches cut from an endless stream of passes (each pass its own order and augmentation),
     so that epochs of any length wrap around the data and together see every sample equally often.
+    With ``source_weights``, each epoch is that many full batches (one pass's worth by default) whose items
+    a :class:`training.sampling.SourceSampler` draws, each source taking its weighted share.
     """
 
     def __init__(
@@ -77,6 +81,8 @@ class SegmentationDataset(keras.utils.PyDataset):
         max_queue_size: int = 10,
         progress: bool = True,
         steps_per_epoch: int | None = None,
+        augmentation: Mapping[str, Any] | None = None,
+        source_weights: Mapping[str, float] | None = None,
     ) -> None:
         """Loads every pair into memory.
 
@@ -93,9 +99,12 @@ class SegmentationDataset(keras.utils.PyDataset):
             progress: show a progress bar while loading.
             steps_per_epoch: batches per epoch, taken from the stream of passes (None: one pass per epoch).
                 Give it here, not to ``model.fit``: Keras stops an epoch when a dataset runs out.
+            augmentation: options of :func:`training.augment.build_augmentation` (default: the paper's).
+            source_weights: sample the sources at these weights (``{}``: all equal; None: no per-source
+                sampling, every sample once per pass); keys are the samples' ``dataset`` names.
 
         Raises:
-            DataError: no samples, or a pair cannot be read.
+            DataError: no samples, a pair cannot be read, or the source weights do not fit the sources.
             ValueError: ``image_size``, ``batch_size`` or ``steps_per_epoch`` below 1.
         """
         super().__init__(
@@ -113,8 +122,21 @@ class SegmentationDataset(keras.utils.PyDataset):
         self.augment = augment
         self.seed = seed
         self.shuffle = shuffle
+        self.augmentation = dict(augmentation or {})
+        build_augmentation(**self.augmentation)  # bad options fail here, not in a worker
+        self.sampler: SourceSampler | None = None
+        if source_weights is not None:
+            steps_per_epoch = steps_per_epoch or math.ceil(len(self.samples) / batch_size)
+            self.sampler = SourceSampler(
+                [sample.dataset for sample in self.samples],
+                source_weights,
+                steps_per_epoch * batch_size,
+                seed,
+                shuffle=shuffle,
+            )
         self.steps_per_epoch = steps_per_epoch
         self.epoch = 0
+        self._epoch_items: list[tuple[int, int]] = []
         self.images = np.empty((len(self.samples), image_size, image_size, 3), dtype=np.uint8)
         self.masks = np.empty((len(self.samples), image_size, image_size), dtype=bool)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as executor:
@@ -126,7 +148,7 @@ class SegmentationDataset(keras.utils.PyDataset):
             ):
                 self.images[position] = image
                 self.masks[position] = mask
-        self._order = self._order_for_epoch(0)
+        self.set_epoch(0)
 
     def __len__(self) -> int:
         return self.steps_per_epoch or math.ceil(len(self.samples) / self.batch_size)
@@ -143,7 +165,7 @@ class SegmentationDataset(keras.utils.PyDataset):
         x = np.empty((len(items), self.image_size, self.image_size, 3), dtype=np.float32)
         y = np.empty((len(items), self.image_size, self.image_size, 1), dtype=np.float32)
         # One pipeline per batch: albumentations keeps per-call state, and batches run on several workers.
-        transform = build_augmentation() if self.augment else None
+        transform = build_augmentation(**self.augmentation) if self.augment else None
         for row, (position, data_pass) in enumerate(items):
             image, mask = self.images[position], self.masks[position]
             if transform is not None:
@@ -155,6 +177,8 @@ class SegmentationDataset(keras.utils.PyDataset):
 
     def _batch_items(self, index: int) -> list[tuple[int, int]]:
         """``(position in samples, pass over the data)`` of each item of batch ``index`` of this epoch."""
+        if self.sampler is not None:
+            return self._epoch_items[index * self.batch_size : (index + 1) * self.batch_size]
         if self.steps_per_epoch is None:
             positions = self._order[index * self.batch_size : (index + 1) * self.batch_size]
             return [(int(position), self.epoch) for position in positions]
@@ -173,7 +197,8 @@ class SegmentationDataset(keras.utils.PyDataset):
     def item_seed(self, position: int, data_pass: int | None = None) -> int:
         """The augmentation seed of sample ``position`` (its index in ``samples``) in a pass over the data.
 
-        A pass is an epoch unless ``steps_per_epoch`` is set; ``data_pass`` defaults to the current epoch.
+        A pass is an epoch unless ``steps_per_epoch`` is set (with source weights, a pass over the sample's
+        own source); ``data_pass`` defaults to the current epoch.
         """
         data_pass = self.epoch if data_pass is None else data_pass
         return int(np.random.SeedSequence([self.seed, data_pass, position]).generate_state(1)[0])
@@ -182,6 +207,8 @@ class SegmentationDataset(keras.utils.PyDataset):
         """Puts the dataset at the start of ``epoch`` (0-based), e.g. when resuming a run."""
         self.epoch = epoch
         self._order = self._order_for_epoch(epoch)
+        if self.sampler is not None:
+            self._epoch_items = self.sampler.epoch_items(epoch)
 
     def on_epoch_end(self) -> None:
         """Advances to the next epoch: its own order (when shuffling) and its own augmentation."""

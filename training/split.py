@@ -227,3 +227,20 @@ def load_split(path: Path) -> tuple[list[Sample], list[Sample]]:
     except (KeyError, TypeError, AttributeError) as error:
         raise DataError(f"{path}: not a split file: missing or malformed entry ({error!r})") from None
     return sides[0], sides[1]
+
+
+def limit_samples(samples: Sequence[Sample], count: int, seed: int) -> list[Sample]:
+    """At most ``count`` samples, for quick runs (``--max-images``).
+
+    From one source, its first ``count`` in the sorted order, as always. From several, a seeded random
+    sample of them all: the first ``count`` in sorted order would all come from the first source.
+
+    Returns:
+        The samples kept, sorted by dataset, id and image path.
+    """
+    ordered = sorted(samples, key=sample_sort_key)
+    if count >= len(ordered):
+        return ordered
+    if len({sample.dataset for sample in ordered}) <= 1:
+        return ordered[:count]
+    return sorted(random.Random(seed).sample(ordered, count), key=sample_sort_key)

@@ -16,22 +16,65 @@ from typing import Any
 
 import keras
 
-from training.callbacks import CurvePlotter, ResumableState, Throughput, read_history
-from training.config import ConfigError, TrainConfig
+from training.callbacks import (
+    CurvePlotter,
+    EmaWeights,
+    LearningRateLogger,
+    ResumableState,
+    Throughput,
+    read_history,
+    swap_ema_weights,
+)
+from training.config import ConfigError, TrainConfig, parse_source_weights
 from training.data import DataError, load_samples
 from training.dataset import EpochSync, SegmentationDataset
 from training.losses import get_loss
 from training.model import build_model
-from training.split import load_split, save_split, split_samples
+from training.split import limit_samples, load_split, save_split, split_samples
 
 logger = logging.getLogger(__name__)
 
 
-def compile_model(model: keras.Model, cfg: TrainConfig) -> None:
-    """Adam, the configured loss, and pixel metrics for the curves."""
+def learning_rate_schedule(
+    cfg: TrainConfig, steps_per_epoch: int | None
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The configured learning rate: a constant for ``plateau`` (the callback lowers it), else the schedule.
+
+    ``cosine`` rises linearly from 0 to ``learning_rate`` over ``warmup_epochs``, then follows a cosine down
+    to ``min_lr`` at the end of the last epoch; the steps are counted by the optimizer, so a resumed run
+    continues the curve.
+    """
+    if cfg.schedule == "plateau":
+        return cfg.learning_rate
+    if steps_per_epoch is None:
+        raise ValueError("a cosine schedule needs the number of steps per epoch")
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    decay_steps = cfg.epochs * steps_per_epoch - warmup_steps
+    floor = min(cfg.min_lr / cfg.learning_rate, 1.0)
+    if not warmup_steps:
+        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps, alpha=floor)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps, alpha=floor, warmup_target=cfg.learning_rate, warmup_steps=warmup_steps
+    )
+
+
+def build_optimizer(cfg: TrainConfig, steps_per_epoch: int | None = None) -> keras.optimizers.Optimizer:
+    """Adam (the paper's) or AdamW, with the configured learning rate or schedule and, optionally, EMA."""
+    options: dict[str, Any] = {"learning_rate": learning_rate_schedule(cfg, steps_per_epoch)}
+    if cfg.ema:
+        options.update(use_ema=True, ema_momentum=cfg.ema_momentum)
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(weight_decay=cfg.weight_decay, **options)
+    return keras.optimizers.Adam(**options)
+
+
+def compile_model(model: keras.Model, cfg: TrainConfig, steps_per_epoch: int | None = None) -> None:
+    """The configured optimizer and loss, and pixel metrics for the curves."""
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=cfg.learning_rate),
-        loss=get_loss(cfg.loss, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma),
+        optimizer=build_optimizer(cfg, steps_per_epoch),
+        loss=get_loss(
+            cfg.loss, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, region_weight=cfg.region_weight
+        ),
         metrics=[
             keras.metrics.BinaryAccuracy(name="accuracy"),
             keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="jaccard"),
@@ -91,6 +134,11 @@ def _prepare_run(
         if not (run_dir / "config.json").is_file():
             raise DataError(f"{run_dir} is not a run directory (no config.json)")
         cfg = TrainConfig.load(run_dir / "config.json")
+        if epochs is not None and epochs != cfg.epochs and cfg.schedule == "cosine":
+            raise ConfigError(
+                f"{run_dir} follows a cosine schedule over {cfg.epochs} epochs, fixed when it started: "
+                "resume it without --epochs (or with the same number)"
+            )
         if epochs is not None:
             cfg.epochs = epochs
             cfg.save(run_dir / "config.json")
@@ -125,7 +173,7 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
     else:
         samples = load_samples([Path(root) for root in cfg.data])
         if cfg.max_images is not None:
-            samples = samples[: cfg.max_images]
+            samples = limit_samples(samples, cfg.max_images, cfg.seed)
         train_samples, val_samples = split_samples(samples, cfg.val_fraction, cfg.seed)
         save_split(split_path, train_samples, val_samples, seed=cfg.seed, val_fraction=cfg.val_fraction)
     logger.info("training on %d images, validating on %d", len(train_samples), len(val_samples))
@@ -139,7 +187,15 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
         shuffle=True,
         workers=cfg.workers,
         steps_per_epoch=cfg.steps_per_epoch,  # wraps around the data: fit's own would cut epochs short
+        augmentation={
+            "rotation_degrees": cfg.rotation_degrees,
+            "zoom": cfg.zoom,
+            "photometric": cfg.photometric,
+        },
+        source_weights=parse_source_weights(cfg.source_weights),
     )
+    if train_data.sampler is not None:
+        logger.info("sampling the sources: %s", train_data.sampler.describe())
     val_data = SegmentationDataset(
         val_samples,
         cfg.image_size,
@@ -156,6 +212,8 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
     if initial_epoch:
         logger.info("resuming %s at epoch %d", run_dir, initial_epoch + 1)
         model = keras.models.load_model(last_path)
+        if cfg.ema:
+            swap_ema_weights(model)  # last.keras holds the average as weights, the raw weights in its slots
     else:
         history_path.unlink(missing_ok=True)
         (run_dir / "state.json").unlink(missing_ok=True)
@@ -169,11 +227,15 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
         )
         if cfg.init_from:
             warm_start(model, Path(cfg.init_from))
-        compile_model(model, cfg)
+        compile_model(model, cfg, steps_per_epoch=len(train_data))
 
     best_checkpoint = keras.callbacks.ModelCheckpoint(best_path, monitor="val_loss", save_best_only=True)
-    reduce_lr = keras.callbacks.ReduceLROnPlateau(
-        monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr, verbose=1
+    reduce_lr = (
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr, verbose=1
+        )
+        if cfg.schedule == "plateau"
+        else None
     )
     early_stopping = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True, verbose=1
@@ -181,9 +243,10 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
     callbacks = [
         EpochSync(train_data),
         Throughput(images_per_epoch=train_data.images_per_epoch, batch_size=cfg.batch_size),
+        *([EmaWeights()] if cfg.ema else []),  # before the checkpoints: they save the average
         best_checkpoint,
         keras.callbacks.ModelCheckpoint(last_path),
-        reduce_lr,
+        reduce_lr or LearningRateLogger(),
         early_stopping,
         ResumableState(run_dir / "state.json", best_path, reduce_lr, early_stopping, best_checkpoint),
         keras.callbacks.CSVLogger(history_path, append=True),
