@@ -70,6 +70,18 @@ class Settings(BaseSettings):
         description="The ONNX model to serve. A relative path is taken from the current directory; "
         "the default is models/dermaseg.onnx beside the service package.",
     )
+    quality_path: Path | None = Field(
+        default=None,
+        description="The outline-quality estimator calibrated on the model (`dermaseg calibrate-quality`). "
+        "Unset: NAME.quality.json beside the model; without one, answers carry no quality estimate.",
+    )
+    review_below: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Answers whose estimated Jaccard is below this are flagged review_recommended. Unset: "
+        "the estimator's own, chosen on validation photos (docs/quality.md).",
+    )
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["cpu"],
         description="ONNX Runtime execution providers in order of preference: cpu, cuda, tensorrt or "

@@ -19,6 +19,7 @@ import numpy as np
 
 from service.config import set_onnxruntime_environment
 from service.pipeline import DEFAULT_THRESHOLD, Pipeline
+from service.quality import QualityEstimator
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,13 @@ class OnnxModel:
         (output,) = self.session.run([self.output_name], feed)
         return np.asarray(output, dtype=np.float32)
 
-    def pipeline(self, batch_size: int = 8, png_compress_level: int = 1) -> Pipeline:
+    def pipeline(
+        self,
+        batch_size: int = 8,
+        png_compress_level: int = 1,
+        quality: QualityEstimator | None = None,
+        review_below: float | None = None,
+    ) -> Pipeline:
         """A :class:`Pipeline` on this session, with the model's own input size and threshold."""
         return Pipeline(
             self,
@@ -206,4 +213,6 @@ class OnnxModel:
             self.info.threshold,
             batch_size=batch_size,
             png_compress_level=png_compress_level,
+            quality=quality,
+            review_below=review_below,
         )

@@ -38,6 +38,7 @@ from service.inference import (
 )
 from service.observability import Metrics, RequestMiddleware, configure_logging, silence_payload_loggers
 from service.pipeline import Pipeline
+from service.quality import QualityFileError, load_estimator
 from service.routes import health, model, segment, v2, viewer
 from service.routes import metrics as metrics_routes
 from service.routes.deps import NOT_LOADED, SHUTTING_DOWN, WARMING_UP, InferenceLimiter, ServedModel
@@ -105,7 +106,8 @@ def load_served_model(settings: Settings) -> ServedModel:
     """Opens the ONNX model on the providers asked for and checks what it really runs on.
 
     Raises:
-        ModelLoadError: missing, unreadable or non-conforming model.
+        ModelLoadError: missing, unreadable or non-conforming model, or a quality estimator that is invalid
+            or calibrated on another model.
     """
     _preload_cuda_libraries(settings.providers)
     onnx_model = OnnxModel(
@@ -128,9 +130,21 @@ def load_served_model(settings: Settings) -> ServedModel:
         reason = f"{first_wanted} was required but the session runs on {onnx_model.providers}"
     digest = sha256_file(onnx_model.path)
     card, card_source = read_card(onnx_model.path, digest, onnx_model.info.card)
+    try:
+        quality = load_estimator(onnx_model.path, digest, settings.quality_path)
+    except QualityFileError as error:
+        raise ModelLoadError(f"quality estimator: {error}") from None
+    if quality is None:
+        logger.warning("no quality estimator beside %s: answers carry no estimated Jaccard", onnx_model.path)
+    pipeline = onnx_model.pipeline(
+        batch_size=1,
+        png_compress_level=settings.png_compress_level,
+        quality=quality,
+        review_below=settings.review_below,
+    )
     return ServedModel(
         info=onnx_model.info,
-        pipeline=onnx_model.pipeline(batch_size=1, png_compress_level=settings.png_compress_level),
+        pipeline=pipeline,
         providers=list(onnx_model.providers),
         requested_providers=list(settings.providers),
         sha256=digest,
@@ -291,7 +305,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type", "Accept"],
-            expose_headers=["X-Request-ID", "Server-Timing", "X-Lesion-Found", "X-Lesion-Area-Px", "X-Model"],
+            expose_headers=[
+                "X-Request-ID",
+                "Server-Timing",
+                "X-Lesion-Found",
+                "X-Lesion-Area-Px",
+                "X-Lesion-Estimated-Jaccard",
+                "X-Lesion-Review",
+                "X-Model",
+            ],
         )
     # Added last, so outermost: it sees (and counts, and logs) every request, CORS preflights included.
     app.add_middleware(RequestMiddleware, metrics=metrics)

@@ -21,6 +21,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response
+from service.quality import QualityAssessment
 
 access_logger = logging.getLogger("dermaseg.access")
 logger = logging.getLogger("dermaseg")
@@ -33,6 +34,10 @@ QUIET_ROUTES = frozenset({"/health/live", "/health/ready", "/metrics"})
 
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+#: Histogram buckets of the estimated Jaccard: fine where review thresholds sit.
+_JACCARD_BUCKETS = (0.3, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
 class Metrics:
@@ -62,6 +67,25 @@ class Metrics:
             buckets=_INFERENCE_BUCKETS,
             registry=self.registry,
         )
+        # Drift without labels: a falling estimate, or a rising share of flagged answers, says the photos
+        # coming in differ from those the model was validated on (docs/quality.md has an alert rule).
+        self.estimated_jaccard = Histogram(
+            "dermaseg_estimated_jaccard",
+            "Estimated Jaccard of each answer's mask (the quality estimator).",
+            buckets=_JACCARD_BUCKETS,
+            registry=self.registry,
+        )
+        self.review_recommended = Counter(
+            "dermaseg_review_recommended",
+            "Answers flagged review_recommended (their estimated Jaccard is below the review threshold).",
+            registry=self.registry,
+        )
+        self.review_reasons = Counter(
+            "dermaseg_review_reasons",
+            "Reasons given with flagged answers (an answer may give several).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.segmentations_running = Gauge(
             "dermaseg_segmentations_running",
             "Segmentations holding an inference slot.",
@@ -85,6 +109,16 @@ class Metrics:
             "1 when the session does not run on the first provider asked for (e.g. cuda asked, CPU used).",
             registry=self.registry,
         )
+
+    def observe_quality(self, quality: QualityAssessment | None) -> None:
+        """Counts one answer's quality (nothing when the model has no estimator)."""
+        if quality is None:
+            return
+        self.estimated_jaccard.observe(quality.estimated_jaccard)
+        if quality.review_recommended:
+            self.review_recommended.inc()
+            for reason in quality.reasons:
+                self.review_reasons.labels(reason=reason).inc()
 
     def set_model(
         self,

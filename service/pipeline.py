@@ -26,6 +26,7 @@ from service.imaging import (
     resize_image,
     resize_probability,
 )
+from service.quality import QualityAssessment, QualityEstimator
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -66,11 +67,13 @@ class Segmentation:
         mask: bool ``(H, W)`` lesion mask.
         probability: float32 ``(H, W)`` lesion probability.
         threshold: the threshold that made ``mask``.
+        quality: the estimated Jaccard and review flag (None when the pipeline has no estimator).
     """
 
     mask: np.ndarray
     probability: np.ndarray
     threshold: float
+    quality: QualityAssessment | None = None
 
     @property
     def area_px(self) -> int:
@@ -181,6 +184,9 @@ class Pipeline:
         threshold: default threshold.
         batch_size: photos per call of ``predict`` in :meth:`segment`.
         png_compress_level: zlib level of the PNGs :meth:`encode` writes.
+        quality: the outline-quality estimator calibrated on this network (``service.quality``); with it,
+            every segmentation carries an estimated Jaccard and a review flag.
+        review_below: flag answers whose estimated Jaccard is below this (None: the estimator's own).
     """
 
     def __init__(
@@ -190,12 +196,16 @@ class Pipeline:
         threshold: float = DEFAULT_THRESHOLD,
         batch_size: int = 8,
         png_compress_level: int = 1,
+        quality: QualityEstimator | None = None,
+        review_below: float | None = None,
     ) -> None:
         self.predict = predict
         self.input_size = input_size
         self.threshold = threshold
         self.batch_size = batch_size
         self.png_compress_level = png_compress_level
+        self.quality = quality
+        self.review_below = review_below
 
     # --- the steps --------------------------------------------------------------------------------------
 
@@ -239,14 +249,18 @@ class Pipeline:
         largest_component: bool = False,
         fill_holes: bool = False,
     ) -> Segmentation:
-        """The mask at the photo's ``size`` (see :func:`postprocess`); the model's threshold by default."""
-        return postprocess(
-            probability,
-            size,
-            self.threshold if threshold is None else threshold,
-            largest_component=largest_component,
-            fill_holes=fill_holes,
+        """The mask at the photo's ``size`` (see :func:`postprocess`); the model's threshold by default.
+
+        With an estimator, its quality too, read from ``probability`` at the network's resolution (about a
+        millisecond: docs/quality.md).
+        """
+        threshold = self.threshold if threshold is None else threshold
+        segmentation = postprocess(
+            probability, size, threshold, largest_component=largest_component, fill_holes=fill_holes
         )
+        if self.quality is not None:
+            segmentation.quality = self.quality.assess_map(probability, threshold, self.review_below)
+        return segmentation
 
     def encode(self, segmentation: Segmentation, *, mask: bool = True, probability: bool = False) -> Encoded:
         """The mask (0/255) and the confidence map (round(p × 255)) as 8-bit grayscale PNGs."""

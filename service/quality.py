@@ -385,6 +385,24 @@ class QualityEstimator:
         return estimator
 
 
+def load_estimator(
+    model_path: str | Path, model_sha256: str, path: str | Path | None = None
+) -> QualityEstimator | None:
+    """The estimator a served model uses: ``path``, or the file beside the model; None when there is none.
+
+    Raises:
+        QualityFileError: the file is unreadable, invalid, calibrated on another network, or needs a
+            second (mirrored) inference per photo, which the service does not pay for.
+    """
+    chosen = Path(path) if path is not None else estimator_path(model_path)
+    if path is None and not chosen.exists():
+        return None
+    estimator = QualityEstimator.load(chosen, model_sha256=model_sha256)
+    if estimator.needs_flip:
+        raise QualityFileError(f"{chosen} needs a mirrored second inference per photo (flip_agreement)")
+    return estimator
+
+
 def estimator_path(model_path: str | Path) -> Path:
     """Where a model's estimator lives: ``models/dermaseg.onnx`` → ``models/dermaseg.quality.json``."""
     model_path = Path(model_path)

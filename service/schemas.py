@@ -68,6 +68,44 @@ class Lesion(BaseModel):
     bbox: BoundingBox | None = Field(default=None, description="Box around the lesion; null when none found.")
 
 
+#: Why an answer is flagged for review (service.quality.REASONS).
+QualityReason = Literal[
+    "no_lesion_found",
+    "lesion_touches_border",
+    "low_confidence",
+    "fragmented_outline",
+    "low_estimated_jaccard",
+]
+
+
+class Quality(BaseModel):
+    """How far to trust this outline: the service's estimate of its Jaccard against an expert's outline."""
+
+    estimated_jaccard: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="Estimated Jaccard (intersection over union) of this mask against an expert outline, "
+        "from the network's own probability map; calibrated on photos the network never trained on "
+        "(docs/quality.md, /v1/model's quality).",
+    )
+    review_recommended: bool = Field(
+        description="True when estimated_jaccard is below the service's review threshold "
+        "(DERMASEG_REVIEW_BELOW): have a person check this outline."
+    )
+    reasons: list[QualityReason] = Field(
+        description="With a flagged answer, what looks wrong (empty otherwise): no_lesion_found, "
+        "lesion_touches_border, low_confidence, fragmented_outline, or low_estimated_jaccard when none of "
+        "the others applies."
+    )
+
+
+class QualityCalibration(BaseModel):
+    """How the served quality estimator was calibrated, and how well it did on held-out photos."""
+
+    review_below: float = Field(description="The review threshold in force.")
+    calibration: dict[str, Any] = Field(description="Data, split, method and held-out figures of the fit.")
+
+
 class Timings(BaseModel):
     """Where the time went, in milliseconds."""
 
@@ -150,6 +188,7 @@ class SegmentResponse(BaseModel):
                         "area_mm2": 73.28,
                         "bbox": {"x": 301, "y": 190, "width": 512, "height": 430},
                     },
+                    "quality": {"estimated_jaccard": 0.87, "review_recommended": False, "reasons": []},
                     "mask_png": "iVBORw0KGgoAAAANSUhEUgAABAAAAAMACAAAAAA...",
                     "probability_png": "iVBORw0KGgoAAAANSUhEUgAABAAAAAMACAAAAAA...",
                     "timings_ms": {
@@ -172,6 +211,10 @@ class SegmentResponse(BaseModel):
     image: ImageSize
     options: SegmentOptions
     lesion: Lesion
+    quality: Quality | None = Field(
+        description="The outline's estimated quality and review flag; null only when the served model has "
+        "no quality estimator (a custom model that was not calibrated)."
+    )
     mask_png: str | None = Field(
         default=None,
         description="Binary mask (0 background, 255 lesion), 8-bit grayscale PNG the size of the upload, "
@@ -271,4 +314,7 @@ class ModelCard(BaseModel):
         "(it carries the evaluations made after the export), else the one embedded in the ONNX metadata."
     )
     card_source: CardSource = Field(description="Where `card` comes from.")
+    quality: QualityCalibration | None = Field(
+        description="The quality estimator behind each answer's `quality`; null when there is none."
+    )
     metadata: dict[str, str] = Field(description="Other ONNX metadata_props.")

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from service import oip
 from service.config import Settings
 from service.errors import ServiceError
+from service.inference import INPUT_NAME as ONNX_INPUT_NAME
 from service.main import create_app
 from service.pipeline import Segmentation
 from service.routes import v2
@@ -116,7 +117,7 @@ def test_model_name_is_the_triton_repository_name() -> None:
         "training.export", reason="training.export is importable with the train extra"
     )
     assert export.TRITON_MODEL_NAME == v2.MODEL_NAME
-    assert export.INPUT_NAME == v2.INPUT_NAME
+    assert ONNX_INPUT_NAME == v2.INPUT_NAME  # the Triton repository's input (the ONNX contract's)
 
 
 def test_saturated_is_503_with_retry_after(client: TestClient) -> None:

@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 from scipy import optimize, stats
 
-from service.imaging import decode_image, load_mask
-from service.inference import OnnxModel, Segmenter, postprocess, preprocess, sha256_file
+from service.imaging import load_mask
+from service.inference import OnnxModel, sha256_file
+from service.pipeline import Pipeline
 from service.quality import (
     FeatureTerm,
     QualityEstimator,
@@ -152,26 +153,26 @@ def choose_photos(
 
 
 def collect(
-    segmenter: Segmenter, photos: Sequence[tuple[Sample, str]], *, flip: bool = False
+    pipeline: Pipeline, photos: Sequence[tuple[Sample, str]], *, flip: bool = False
 ) -> tuple[list[QualityRow], dict[str, float]]:
-    """Segments each photo, computes its features and scores its mask against the expert's.
+    """Segments each photo with the served pipeline's steps, computes its features and scores its mask.
 
     Returns:
         The rows, and timings: network ms per photo (batched) and feature ms per call.
     """
     rows: list[QualityRow] = []
     network_s = feature_s = 0.0
-    threshold = segmenter.threshold
-    for start in range(0, len(photos), segmenter.batch_size):
-        chunk = photos[start : start + segmenter.batch_size]
-        images = [decode_image(sample.image_path) for sample, _ in chunk]
-        batch = np.stack([preprocess(image, segmenter.input_size) for image in images])
+    threshold = pipeline.threshold
+    for start in range(0, len(photos), pipeline.batch_size):
+        chunk = photos[start : start + pipeline.batch_size]
+        images = [pipeline.decode(sample.image_path) for sample, _ in chunk]
+        batch = pipeline.preprocess(images)
         began = time.perf_counter()
-        probabilities = segmenter.probabilities(batch)
+        probabilities = pipeline.infer(batch)
         network_s += time.perf_counter() - began
         mirrored: list[np.ndarray | None] = [None] * len(chunk)
         if flip:
-            output = np.asarray(segmenter.predict(batch[:, :, ::-1].copy()), dtype=np.float32)
+            output = np.asarray(pipeline.predict(batch[:, :, ::-1].copy()), dtype=np.float32)
             mirrored = list(output.reshape(batch.shape[:3])[:, :, ::-1])
         for (sample, group), image, probability, twin in zip(
             chunk, images, probabilities, mirrored, strict=True
@@ -179,13 +180,13 @@ def collect(
             began = time.perf_counter()
             features = quality_features(probability, threshold, flipped_probability=twin)
             feature_s += time.perf_counter() - began
-            mask = postprocess(probability, image.shape[:2], threshold).mask
+            mask = pipeline.postprocess(probability, image.size, threshold).mask
             truth = load_mask(sample.mask_path)
             if truth.shape != mask.shape:
                 raise DataError(f"{sample.mask_path}: mask is {truth.shape} but the photo {mask.shape}")
             jaccard = metrics_from_counts(*confusion_counts(mask, truth))["jaccard"]
             rows.append(QualityRow(sample.dataset, sample.id, group, features, jaccard))
-        if start // segmenter.batch_size % 50 == 0:
+        if start // pipeline.batch_size % 50 == 0:
             logger.info("calibrate-quality: %d of %d photos", start + len(chunk), len(photos))
     count = max(len(rows), 1)
     return rows, {
@@ -195,14 +196,14 @@ def collect(
 
 
 def single_photo_inference_ms(
-    segmenter: Segmenter, photos: Sequence[tuple[Sample, str]], repeats: int
+    pipeline: Pipeline, photos: Sequence[tuple[Sample, str]], repeats: int
 ) -> float:
     """Median ms of one photo through the network at batch size 1 (what a request pays)."""
     timings = []
     for sample, _ in photos[:repeats]:
-        batch = preprocess(decode_image(sample.image_path), segmenter.input_size)[None]
+        batch = pipeline.preprocess([pipeline.decode(sample.image_path)])
         began = time.perf_counter()
-        segmenter.probabilities(batch)
+        pipeline.infer(batch)
         timings.append(time.perf_counter() - began)
     return 1e3 * float(np.median(timings)) if timings else float("nan")
 
@@ -407,7 +408,7 @@ def calibrate(
     seed: int = 14,
     flip: bool = False,
     batch_size: int = 8,
-    segmenter: Segmenter | None = None,
+    pipeline: Pipeline | None = None,
 ) -> dict[str, Any]:
     """Collects (or reads) the calibration rows, fits the estimator on one part, reports on the other.
 
@@ -423,7 +424,7 @@ def calibrate(
         test_fraction: share of each source's lesions held out for the report.
         seed: seeds the subset and the split.
         flip: also run the mirrored pass, to measure what its agreement would add (not used by default).
-        segmenter: use this instead of loading ``model_path`` (tests).
+        pipeline: use this instead of loading ``model_path`` (tests).
 
     Returns:
         The report.
@@ -437,11 +438,11 @@ def calibrate(
         photos = choose_photos(samples, read_groups(roots), max_per_source, seed)
         if not photos:
             raise DataError("no photo left to calibrate on (all were trained on?)")
-        if segmenter is None:
-            segmenter = OnnxModel(model_path).segmenter(batch_size=batch_size)
+        if pipeline is None:
+            pipeline = OnnxModel(model_path).pipeline(batch_size=batch_size)
         logger.info("calibrate-quality: %d photos from %d sources", len(photos), len(by_source_ids(photos)))
-        rows, timings = collect(segmenter, photos, flip=flip)
-        timings["network_ms_batch1"] = single_photo_inference_ms(segmenter, photos, repeats=16)
+        rows, timings = collect(pipeline, photos, flip=flip)
+        timings["network_ms_batch1"] = single_photo_inference_ms(pipeline, photos, repeats=16)
         if rows_path is not None:
             write_rows(rows_path, rows)
     fit_rows, test_rows = split_by_group(rows, test_fraction, seed)

@@ -5,10 +5,19 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from service.inference import META_PREFIX
+from service.pipeline import Pipeline
 from service.routes.deps import LoadedModelDep, require_api_key
-from service.schemas import ErrorResponse, ImageSize, ModelCard
+from service.schemas import ErrorResponse, ImageSize, ModelCard, QualityCalibration
 
 router = APIRouter(prefix="/v1", tags=["model"], dependencies=[Depends(require_api_key)])
+
+
+def _quality_calibration(pipeline: Pipeline) -> QualityCalibration | None:
+    estimator = pipeline.quality
+    if estimator is None:
+        return None
+    review_below = estimator.review_below if pipeline.review_below is None else pipeline.review_below
+    return QualityCalibration(review_below=review_below, calibration=dict(estimator.calibration))
 
 
 @router.get(
@@ -34,5 +43,6 @@ async def get_model(served: LoadedModelDep) -> ModelCard:
         sha256=served.sha256,
         card=served.card,
         card_source=served.card_source,
+        quality=_quality_calibration(served.pipeline),
         metadata={key: value for key, value in info.metadata.items() if key != META_PREFIX + "card"},
     )

@@ -36,6 +36,7 @@ from service.schemas import (
     ImageSize,
     Lesion,
     ModelRef,
+    Quality,
     SegmentOptions,
     SegmentParams,
     SegmentResponse,
@@ -103,6 +104,14 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
             "X-Lesion-Found": _header("PNG answers only: true or false."),
             "X-Lesion-Area-Px": _header("PNG answers only: the lesion's area in pixels.", "integer"),
             "X-Model": _header("PNG answers only: the model's name/version."),
+            "X-Lesion-Estimated-Jaccard": _header(
+                "PNG answers only: the outline's estimated Jaccard (0–1; absent without an estimator).",
+                "number",
+            ),
+            "X-Lesion-Review": _header(
+                "PNG answers only: true when review is recommended, then the reasons after a semicolon "
+                "(e.g. true; low_confidence,lesion_touches_border)."
+            ),
         },
     },
     400: _error("undecodable_image: the bytes are not a readable image; malformed_request: bad multipart."),
@@ -154,6 +163,7 @@ def run_pipeline(
     except ImageDecodeError as error:
         raise ServiceError.from_decode_error(error) from None
     metrics.inference_latency.observe(result.times.ms["inference"] / 1000.0)
+    metrics.observe_quality(result.segmentation.quality)
     return result
 
 
@@ -282,6 +292,13 @@ async def segment(
                 "X-Model": f"{served.info.name}/{served.info.version}",
             }
         )
+        quality = segmentation.quality
+        if quality is not None:
+            review = "true" if quality.review_recommended else "false"
+            if quality.reasons:
+                review += "; " + ",".join(quality.reasons)
+            headers["X-Lesion-Estimated-Jaccard"] = f"{quality.estimated_jaccard:.4f}"
+            headers["X-Lesion-Review"] = review
         return Response(outcome.encoded.mask_png, media_type="image/png", headers=headers)
 
     bbox = segmentation.bbox
@@ -297,6 +314,7 @@ async def segment(
             area_mm2=segmentation.area_mm2(params.pixel_spacing_mm),
             bbox=BoundingBox(x=bbox[0], y=bbox[1], width=bbox[2], height=bbox[3]) if bbox else None,
         ),
+        quality=Quality(**segmentation.quality.as_dict()) if segmentation.quality else None,
         mask_png=_b64(outcome.encoded.mask_png),
         probability_png=_b64(outcome.encoded.probability_png),
         timings_ms=Timings(**timings),

@@ -13,7 +13,7 @@ Errors have the protocol's shape, ``{"error": "...", "code": "..."}`` (see :clas
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -182,9 +182,17 @@ async def health_ready(request: Request) -> JSONResponse:
 # --- model metadata and readiness ---------------------------------------------------------------------------
 
 
+def available_outputs(pipeline: Pipeline) -> dict[str, tuple[str, list[int]]]:
+    """:data:`OUTPUTS`, and ``estimated_jaccard`` (FP32 ``[1]``) when the model has a quality estimator."""
+    if pipeline.quality is None:
+        return dict(OUTPUTS)
+    return {**OUTPUTS, QUALITY_OUTPUT: ("FP32", [1])}
+
+
 def _metadata(served: ServedModel) -> oip.ModelMetadata:
     outputs = [
-        oip.TensorMetadata(name=name, datatype=kind, shape=shape) for name, (kind, shape) in OUTPUTS.items()
+        oip.TensorMetadata(name=name, datatype=kind, shape=shape)
+        for name, (kind, shape) in available_outputs(served.pipeline).items()
     ]
     return oip.ModelMetadata(
         name=MODEL_NAME,
@@ -291,12 +299,8 @@ def run_segmentation(
 
 
 def _quality(segmentation: Segmentation) -> float | None:
-    """The estimated Jaccard index when the core gives one (``segmentation.quality``), else None."""
-    quality = getattr(segmentation, "quality", None)
-    value = (
-        quality.get(QUALITY_OUTPUT) if isinstance(quality, dict) else getattr(quality, QUALITY_OUTPUT, None)
-    )
-    return None if value is None else float(value)
+    """The estimated Jaccard when the core gives one (the model has a quality estimator), else None."""
+    return None if segmentation.quality is None else segmentation.quality.estimated_jaccard
 
 
 def output_tensors(segmentation: Segmentation, names: list[str]) -> list[oip.Tensor]:
@@ -342,11 +346,13 @@ def _options(parameters: dict[str, Any], served: ServedModel) -> tuple[SegmentOp
     return options, binary_output
 
 
-def _outputs(request: oip.InferRequest, binary_default: bool) -> tuple[list[str], dict[str, bool]]:
-    """The outputs to send (each once, in the order asked) and which go as binary data."""
+def _outputs(
+    request: oip.InferRequest, binary_default: bool, available: Iterable[str]
+) -> tuple[list[str], dict[str, bool]]:
+    """The outputs to send (each once, in the order asked; all ``available`` by default), binary or not."""
     known = [*OUTPUTS, QUALITY_OUTPUT]
     if request.outputs is None:
-        return list(OUTPUTS), dict.fromkeys(OUTPUTS, binary_default)
+        return list(available), dict.fromkeys(available, binary_default)
     names: list[str] = []
     binary: dict[str, bool] = {}
     for output in request.outputs:
@@ -470,7 +476,7 @@ async def _infer(
     parsed = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH), (INPUT_NAME,))
     photo = _photo(parsed)
     options, binary_default = _options(parsed.parameters, served)
-    names, binary = _outputs(parsed, binary_default)
+    names, binary = _outputs(parsed, binary_default, available_outputs(pipeline))
     received = time.perf_counter()
 
     def work() -> tuple[bytes, int | None, dict[str, float]]:
