@@ -154,3 +154,30 @@ def test_an_estimator_of_another_model_stops_the_start_up(tmp_path: Path) -> Non
     estimator_path(model).unlink()
     with serving(create_app(Settings.model_validate({"model_path": model, "warmup_runs": 1}))) as plain:
         assert segment(plain, clear_lesion(), outputs="").json()["quality"] is None
+
+
+def test_predict_writes_each_photos_quality(tmp_path: Path) -> None:
+    from tests.test_inference import predict_args
+    from training.predict import predict_cli
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "lesion.png").write_bytes(clear_lesion())
+    (photos / "blank.png").write_bytes(blank_photo())
+
+    def qualities(**options: Any) -> dict[str, Any]:
+        out = tmp_path / f"out{len(options)}"
+        assert predict_cli(predict_args([photos], out, DEFAULT_MODEL_PATH, **options)) == 0
+        summary = json.loads((out / "predictions.json").read_text())
+        return {Path(entry["file"]).stem: entry["quality"] for entry in summary["images"]}
+
+    default = qualities()
+    assert default["lesion"]["review_recommended"] is False
+    assert default["blank"] == {
+        "estimated_jaccard": 0.0,
+        "review_recommended": True,
+        "reasons": ["no_lesion_found"],
+    }
+    strict = qualities(review_below=0.999)
+    assert strict["lesion"]["review_recommended"] is True
+    assert strict["lesion"]["estimated_jaccard"] == default["lesion"]["estimated_jaccard"]

@@ -375,6 +375,18 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", type=_existing_path, default=None, help="default: the shipped model")
     parser.add_argument("--providers", nargs="+", default=["cpu"])
     parser.add_argument("--pixel-spacing", type=float, default=None, help="mm per pixel, for areas in mm²")
+    parser.add_argument(
+        "--quality",
+        type=_existing_path,
+        default=None,
+        help="the outline-quality estimator (default: NAME.quality.json beside the model, when there)",
+    )
+    parser.add_argument(
+        "--review-below",
+        type=float,
+        default=None,
+        help="flag photos whose estimated Jaccard is below this (default: the estimator's own)",
+    )
     _add_postprocess_options(parser)
     parser.set_defaults(handler=_run_predict)
 

@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 import training
 from service.imaging import ImageDecodeError
-from service.inference import ModelLoadError, OnnxModel
+from service.inference import ModelLoadError, OnnxModel, sha256_file
 from service.pipeline import PhotoResult
+from service.quality import QualityFileError, load_estimator
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,12 @@ def predict_cli(args: argparse.Namespace) -> int:
             "with `dermaseg export`"
         )
     model = OnnxModel(model_path, providers=getattr(args, "providers", None) or ("cpu",))
-    pipeline = model.pipeline(batch_size=1)
+    # The outline-quality estimator beside the model, as the service loads it (None without one).
+    try:
+        quality = load_estimator(model_path, sha256_file(model_path), getattr(args, "quality", None))
+    except QualityFileError as error:
+        raise ModelLoadError(f"quality estimator: {error}") from None
+    pipeline = model.pipeline(batch_size=1, quality=quality, review_below=getattr(args, "review_below", None))
     threshold = model.info.threshold if getattr(args, "threshold", None) is None else float(args.threshold)
     options = {
         "flip_tta": bool(getattr(args, "flip_tta", False)),
@@ -148,5 +154,6 @@ def _entry(
         "area_fraction": round(result.area_fraction, 6),
         "area_mm2": result.area_mm2(pixel_spacing),
         "bbox": None if bbox is None else dict(zip(("x", "y", "width", "height"), bbox, strict=True)),
+        "quality": None if result.quality is None else result.quality.as_dict(),
         "providers": list(providers),
     }
