@@ -479,29 +479,25 @@ def test_a_phone_sized_viewport_and_the_keyboard_reach_every_control(
         browser.set_window_size(1360, 900)
 
 
-def test_the_review_flag_is_shown_when_the_answer_has_it(
-    browser: Any, service: ServiceProcess, synthetic_photo: Photo
+def test_the_quality_and_review_flag_are_the_apis(
+    browser: Any, service: ServiceProcess, synthetic_photo: Photo, tmp_path: Path
 ) -> None:
-    # The quality block (issue 14's contract) added to the real answer by a wrapped fetch, until the
-    # service sends it itself; without it the block stays hidden.
     _open(browser, service)
     assert _upload(browser, synthetic_photo.path) == "done"
-    assert browser.execute_script("return document.getElementById('quality').hidden")
-    _open(browser, service)
-    browser.execute_script(
-        """
-        const realFetch = window.fetch;
-        window.fetch = async (...args) => {
-          const response = await realFetch(...args);
-          if (!String(args[0]).startsWith("/segment") || !response.ok) return response;
-          const body = await response.json();
-          body.quality = { estimated_jaccard: 0.612, review_recommended: true, reasons: ["low confidence"] };
-          return new Response(JSON.stringify(body), { status: 200, headers: response.headers });
-        };
-        """
-    )
-    assert _upload(browser, synthetic_photo.path) == "done"
+    quality = _api(service, synthetic_photo, outputs="").json()["quality"]
     assert not browser.execute_script("return document.getElementById('quality').hidden")
-    assert _text(browser, "estimated-jaccard") == "0.61"
+    assert _text(browser, "estimated-jaccard") == f"{quality['estimated_jaccard']:.2f}"
+    assert quality["review_recommended"] is False
+    assert "No review flag" in _text(browser, "review")
+    assert _text(browser, "review-reasons") == ""
+
+    # A photo with no lesion at all: flagged, with the API's reason.
+    blank = Photo(tmp_path / "blank.png", "image/png")
+    Image.fromarray(np.full((300, 400, 3), 190, np.uint8)).save(blank.path)
+    flagged = _api(service, blank, outputs="").json()["quality"]
+    assert flagged["review_recommended"] is True
+    assert _upload(browser, blank.path) == "done"
     assert "Review recommended" in _text(browser, "review")
-    assert _text(browser, "review-reasons") == "low confidence"
+    assert _text(browser, "estimated-jaccard") == f"{flagged['estimated_jaccard']:.2f}"
+    assert _text(browser, "review-reasons") == "".join(flagged["reasons"])
+
