@@ -222,9 +222,7 @@ def test_flip_tta_realigns_the_flipped_predictions():
 def test_flip_tta_changes_nothing_for_a_flip_equivariant_network():
     batch = np.random.default_rng(1).uniform(0, 255, (1, 6, 6, 3)).astype(np.float32)
     pipeline = Pipeline(darkness, (6, 6))
-    np.testing.assert_allclose(
-        pipeline.infer(batch, flip_tta=True), pipeline.infer(batch), rtol=1e-6
-    )
+    np.testing.assert_allclose(pipeline.infer(batch, flip_tta=True), pipeline.infer(batch), rtol=1e-6)
 
 
 def test_pipeline_run_times_every_step_and_matches_segment():

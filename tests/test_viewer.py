@@ -500,4 +500,3 @@ def test_the_quality_and_review_flag_are_the_apis(
     assert "Review recommended" in _text(browser, "review")
     assert _text(browser, "estimated-jaccard") == f"{flagged['estimated_jaccard']:.2f}"
     assert _text(browser, "review-reasons") == "".join(flagged["reasons"])
-
