@@ -38,7 +38,7 @@ CHANGES = (
     ),
     ("probability map upsampled by `cv2.resize`", "opencv-python-headless", ("postprocess",)),
     (
-        "PNGs by `cv2.imencode` (RLE for the mask, sub filter for the map), `cv2.convertScaleAbs` for "
+        "PNGs by `cv2.imencode` (RLE for the mask, sub filter + RLE for the map), `cv2.convertScaleAbs` for "
         "the map's pixels",
         "opencv-python-headless",
         ("encode",),

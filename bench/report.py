@@ -1,4 +1,4 @@
-"""The benchmark's results, the two goals, and their Markdown report (docs/performance.md) and JSON.
+"""The benchmark's Markdown report (docs/performance.md) and its JSON, from one run's results and goals.
 
 Every figure in the report comes from one run of ``python -m bench``; ratios compare figures measured in
 that same run. Goals (issue 13): on the 1024×768 photo at concurrency 8 the service answers at least 80 %
@@ -11,34 +11,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.decode_check import DecodeCheck
 from bench.decode_check import render_section as render_decode_check
-from bench.flops import FlopCount
-from bench.http_load import PIPELINE_STEPS, WORK_STEPS, HttpResult, LevelResult
-from bench.keras_compare import METHODS, KerasResult
-from bench.machine import Machine, PeakEstimate
+from bench.goals import (
+    THROUGHPUT_CONCURRENCY,
+    THROUGHPUT_TARGET,
+    beyond_inference,
+    evaluate_goals,
+    goals_section,
+    level_at,
+)
+from bench.http_load import PIPELINE_STEPS, WORK_STEPS
+from bench.keras_compare import METHODS
 from bench.markdown import number as _f
 from bench.markdown import percent as _pct
 from bench.markdown import table
-from bench.pipeline import PipelineResult
 from bench.pipeline import render_section as render_pipeline
-from bench.raw import RawResult, SessionSetting
+from bench.raw import RawResult
+from bench.results import BenchResults
 from bench.timing import Timing
-from bench.variants import VariantsResult
 
-#: Service throughput at concurrency 8 (1024×768 photo) against the raw session's best images/s.
-THROUGHPUT_CONCURRENCY = 8
-THROUGHPUT_TARGET = 0.80  # full JSON answers (mask and confidence map)
-THROUGHPUT_TARGET_MASK_ONLY = 0.90  # ?outputs=mask
-#: (end-to-end latency − inference) / inference at concurrency 1 on the 6 MP sample.
-LARGE_PHOTO_NAME = "ISIC_0012099.jpg"
-LARGE_PHOTO_CONCURRENCY = 1
-LARGE_PHOTO_TARGET = 1.0
-#: Micro-batching is worth a look when a bigger batch gives this much more images/s than batch 1.
 BATCHING_WORTH = 0.10
 
 HOW_TO_RUN = """## How to run
@@ -89,155 +83,6 @@ RAW_HEADERS = (
     "images/s",
     "vs batch 1",
 )
-
-
-@dataclass(frozen=True)
-class ModelDescription:
-    """The ONNX model benchmarked."""
-
-    path: str
-    name: str
-    version: str
-    input_size: tuple[int, int]
-    threshold: float
-    precision: str
-    size_bytes: int
-    sha256: str
-    providers: list[str]
-
-
-@dataclass
-class BenchResults:
-    """Everything one run measured (sections left out are empty or None)."""
-
-    machine: Machine
-    model: ModelDescription
-    photo: str
-    effort: str
-    peak: PeakEstimate
-    note: str | None = None
-    raw: list[RawResult] = field(default_factory=list)
-    pipeline: PipelineResult | None = None
-    http: list[HttpResult] = field(default_factory=list)
-    variants: VariantsResult | None = None
-    flops: FlopCount | None = None
-    keras: KerasResult | None = None
-    decode_check: DecodeCheck | None = None
-    #: numpy float32 matrix product, GFLOP/s by BLAS thread count (the practical roof).
-    gemm_gflops: dict[int, float | None] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
-    duration_s: float = 0.0
-
-    def best_raw(self) -> RawResult | None:
-        """The raw measurement with the most images/s (the service's ceiling)."""
-        return max(self.raw, key=lambda r: r.images_per_s) if self.raw else None
-
-    def raw_at(self, batch: int, setting: SessionSetting | None = None) -> RawResult | None:
-        """The raw measurement at ``batch`` with ``setting`` (default: ONNX Runtime's own settings)."""
-        setting = setting or SessionSetting()
-        return next((r for r in self.raw if r.batch == batch and r.setting == setting), None)
-
-
-@dataclass(frozen=True)
-class Goal:
-    """A target and what was measured; ``higher_is_better`` says which side of the target passes (the
-    target itself passes). ``unit``: "points" for a fraction (missed by percentage points), "times" for a
-    multiple."""
-
-    name: str
-    target: float
-    measured: float | None
-    higher_is_better: bool
-    detail: str
-    unit: str = "points"
-
-    @property
-    def met(self) -> bool | None:
-        if self.measured is None or math.isnan(self.measured):
-            return None
-        return self.measured >= self.target if self.higher_is_better else self.measured <= self.target
-
-    @property
-    def shown(self) -> str:
-        """The measured value as the report shows it."""
-        if self.unit == "times":
-            return _f(self.measured, 2) + "×" if self.measured is not None else "–"
-        return _pct(self.measured, 1)
-
-    @property
-    def verdict(self) -> str:
-        if self.met is None:
-            return "not measured"
-        if self.met:
-            return "**met**"
-        assert self.measured is not None
-        miss = abs(self.measured - self.target)
-        if self.unit == "times":
-            return f"**missed** by {miss:.2f}×"
-        return f"**missed** by {miss * 100:.1f} points"
-
-
-def _level(http: HttpResult, concurrency: int) -> LevelResult | None:
-    return next((level for level in http.levels if level.concurrency == concurrency and level.ok), None)
-
-
-def beyond_inference(level: LevelResult) -> float | None:
-    """(end-to-end latency − inference) / inference, p50s, at one level (None without inference)."""
-    inference = level.step("inference").p50
-    if not inference > 0:
-        return None
-    return (level.latency.p50 - inference) / inference
-
-
-def _throughput_goal(results: BenchResults, http: HttpResult) -> Goal:
-    best = results.best_raw()
-    answers = "mask-only answers" if http.config.mask_only else "full JSON answers"
-    target = THROUGHPUT_TARGET_MASK_ONLY if http.config.mask_only else THROUGHPUT_TARGET
-    level = _level(http, THROUGHPUT_CONCURRENCY)
-    ratio = level.requests_per_s / best.images_per_s if level and best else None
-    return Goal(
-        name=f"1024×768 at concurrency {THROUGHPUT_CONCURRENCY}, {answers} ({http.config.name}): ≥ "
-        f"{target:.0%} of the raw session's best images/s",
-        target=target,
-        measured=ratio,
-        higher_is_better=True,
-        detail=(
-            f"{level.requests_per_s:.2f} req/s against {best.images_per_s:.2f} images/s "
-            f"(raw, batch {best.batch}, threads {best.setting.describe()})"
-            if level and best
-            else "needs the raw and http sections"
-        ),
-    )
-
-
-def _large_photo_goal(http: HttpResult) -> Goal:
-    level = _level(http, LARGE_PHOTO_CONCURRENCY)
-    ratio = beyond_inference(level) if level else None
-    return Goal(
-        name=f"6 MP photo ({LARGE_PHOTO_NAME}) at concurrency {LARGE_PHOTO_CONCURRENCY} "
-        f"({http.config.name}): (end-to-end − inference) ≤ {LARGE_PHOTO_TARGET:.1f} × inference",
-        target=LARGE_PHOTO_TARGET,
-        measured=ratio,
-        higher_is_better=False,
-        detail=(
-            f"latency p50 {level.latency.p50:.1f} ms, inference p50 {level.step('inference').p50:.1f} ms"
-            if level
-            else f"needs a configuration with photo={LARGE_PHOTO_NAME}, concurrency {LARGE_PHOTO_CONCURRENCY}"
-        ),
-        unit="times",
-    )
-
-
-def evaluate_goals(results: BenchResults) -> list[Goal]:
-    """Issue 13's goals: throughput for each configuration on the benchmark's photo (with the mask-only
-    target where it asks for the mask alone), the 6 MP ratio for each configuration on that photo."""
-    goals = []
-    for http in results.http:
-        if http.config.photo is None:
-            goals.append(_throughput_goal(results, http))
-        elif http.config.photo.name == LARGE_PHOTO_NAME:
-            goals.append(_large_photo_goal(http))
-    return goals
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -299,14 +144,6 @@ def _model_section(results: BenchResults) -> str:
         ("photo", results.photo),
     ]
     return "## Model and input\n\n" + table(["", ""], rows)
-
-
-def _goals_section(results: BenchResults) -> str:
-    goals = evaluate_goals(results)
-    if not goals:
-        return "## Goals\n\nNot evaluated: the http section was not run."
-    rows = [(goal.name, goal.shown, goal.verdict, goal.detail) for goal in goals]
-    return "## Goals\n\n" + table(["goal", "measured", "verdict", "from"], rows)
 
 
 def _raw_section(results: BenchResults) -> str:
@@ -411,7 +248,7 @@ def _http_section(results: BenchResults) -> str:
             )
         ready = f"Ready {http.ready_s:.1f} s after start (model load and warm-up). " if http.ready_s else ""
         parts.append(head + ready + "\n\n" + table(HTTP_HEADERS, rows))
-        one = _level(http, 1)
+        one = level_at(http, 1)
         if one:
             steps = ["receive", "queue", *PIPELINE_STEPS]
             step_rows = [[name, _f(one.step(name).p50)] for name in steps]
@@ -431,7 +268,7 @@ def _large_photo_table(results: BenchResults) -> str:
     """Concurrency 1 on each configuration's own photo: latency, inference, and their ratio."""
     rows = []
     for http in results.http:
-        one = _level(http, 1)
+        one = level_at(http, 1)
         if http.config.photo is None or one is None:
             continue
         rows.append(
@@ -588,7 +425,7 @@ def _throughputs(results: BenchResults) -> list[tuple[str, float]]:
             (f"raw session, batch {best.batch}, threads {best.setting.describe()} (best)", best.images_per_s)
         )
     for http in results.http:
-        level = _level(http, THROUGHPUT_CONCURRENCY)
+        level = level_at(http, THROUGHPUT_CONCURRENCY)
         if level:
             found.append(
                 (f"service ({http.config.name}), concurrency {level.concurrency}", level.requests_per_s)
@@ -620,7 +457,7 @@ def _ceiling_finding(results: BenchResults, single: RawResult) -> str | None:
     other = main.after.other_ms
     http_part = 0.0
     for http in results.http:
-        one = _level(http, 1)
+        one = level_at(http, 1)
         if one and http.config.photo is None:
             http_part = one.framework_overhead.p50 + one.step("receive").p50
             break
@@ -667,7 +504,7 @@ def findings(results: BenchResults) -> list[str]:
             "so micro-batching) at the setting the service will run with."
         )
     for http in results.http:
-        one, eight = _level(http, 1), _level(http, THROUGHPUT_CONCURRENCY)
+        one, eight = level_at(http, 1), level_at(http, THROUGHPUT_CONCURRENCY)
         if one and single:
             steps = sum(one.step(s).p50 for s in PIPELINE_STEPS if s != "inference")
             lines.append(
@@ -688,7 +525,7 @@ def findings(results: BenchResults) -> list[str]:
         cells = ", ".join(
             f"{h.config.name}: {lvl.requests_per_s:.2f} req/s"
             for h in results.http
-            if (lvl := _level(h, THROUGHPUT_CONCURRENCY)) is not None
+            if (lvl := level_at(h, THROUGHPUT_CONCURRENCY)) is not None
         )
         lines.append(f"Configurations at concurrency {THROUGHPUT_CONCURRENCY}: {cells}.")
     if results.pipeline:
@@ -732,7 +569,7 @@ def render(results: BenchResults) -> str:
         "figures come from this one run, on the same photo; latencies are medians (p50) and 95th / 99th "
         "percentiles over *n* repetitions (with n < 100 the p99 is close to the maximum).",
         *warning,
-        _goals_section(results),
+        goals_section(results),
         _machine_section(results),
         _model_section(results),
         _raw_section(results),

@@ -37,15 +37,22 @@ TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 #: at least this many times the target (Pillow's ``reducing_gap``): 3 is "indistinguishable from a direct
 #: resize" in Pillow's documentation, at a fraction of the cost on a 6–20 MP photo.
 REDUCING_GAP = 3.0
-#: PNG options (OpenCV's libpng): masks are runs of 0 and 255, which run-length coding packs best; the
-#: confidence map is a smooth field, which the "sub" filter predicts well. zlib level from the settings.
+#: PNG options (OpenCV's libpng), zlib level from the settings: masks are runs of 0 and 255, which run-length
+#: coding packs best unfiltered; the confidence map is a smooth field that the "sub" filter turns into runs
+#: of small differences, which run-length coding also packs: a third smaller than zlib's default strategy,
+#: and no slower (the encode step of docs/performance.md, section 3).
 _MASK_PNG = (
     cv2.IMWRITE_PNG_FILTER,
     cv2.IMWRITE_PNG_FILTER_NONE,
     cv2.IMWRITE_PNG_STRATEGY,
     cv2.IMWRITE_PNG_STRATEGY_RLE,
 )
-_MAP_PNG = (cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB)
+_MAP_PNG = (
+    cv2.IMWRITE_PNG_FILTER,
+    cv2.IMWRITE_PNG_FILTER_SUB,
+    cv2.IMWRITE_PNG_STRATEGY,
+    cv2.IMWRITE_PNG_STRATEGY_RLE,
+)
 
 #: Masks are binarized at this gray level (0–255).
 MASK_THRESHOLD = 128
@@ -235,7 +242,7 @@ def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
     """Encodes a bool or uint8 ``(H, W)`` array as an 8-bit grayscale PNG (bool becomes 0/255).
 
     ``compress_level`` is zlib's 0–9. A bool mask is written with run-length coding and no row filter, a
-    uint8 map with the "sub" filter: on a 6 MP photo both encode several times faster than Pillow's
+    uint8 map with the "sub" filter and run-length coding: on a 6 MP photo both encode several times faster than Pillow's
     adaptive filtering, for files of about the same size (docs/performance.md).
     """
     options = _MASK_PNG if array.dtype == bool else _MAP_PNG

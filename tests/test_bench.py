@@ -20,11 +20,11 @@ from PIL import Image
 from bench.baseline import FullDecodePipeline, Release100Pipeline, encode_png_1_0
 from bench.decode_check import DecodeCheck, PhotoCheck, dice, run_check
 from bench.flops import count_flops
+from bench.goals import Goal
 from bench.http_load import ServiceConfig
 from bench.inputs import synthetic_photo
 from bench.machine import Machine, estimate_peak
 from bench.pipeline import time_side_by_side
-from bench.report import Goal
 from bench.timing import Effort, Timing, measure, percentile
 from service.imaging import encode_png, load_mask
 from service.inference import OnnxModel
