@@ -242,8 +242,8 @@ def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
     """Encodes a bool or uint8 ``(H, W)`` array as an 8-bit grayscale PNG (bool becomes 0/255).
 
     ``compress_level`` is zlib's 0–9. A bool mask is written with run-length coding and no row filter, a
-    uint8 map with the "sub" filter and run-length coding: on a 6 MP photo both encode several times faster than Pillow's
-    adaptive filtering, for files of about the same size (docs/performance.md).
+    uint8 map with the "sub" filter and run-length coding: on a 6 MP photo both encode several times faster
+    than Pillow's adaptive filtering, for files no larger (docs/performance.md).
     """
     options = _MASK_PNG if array.dtype == bool else _MAP_PNG
     if array.dtype == bool:
