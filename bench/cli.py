@@ -27,7 +27,8 @@ from bench.keras_compare import Architecture, run_keras_comparison
 from bench.machine import describe_machine, estimate_peak, measure_gemm_gflops, read_load
 from bench.pipeline import bench_pipeline
 from bench.raw import SessionSetting, bench_raw, time_session
-from bench.report import BenchResults, ModelDescription, render, write_json
+from bench.report import render, write_json
+from bench.results import BenchResults, ModelDescription
 from bench.timing import FULL, QUICK
 from bench.variants import bench_variants, model_precision
 from service.inference import ModelLoadError, OnnxModel, sha256_file
