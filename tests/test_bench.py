@@ -290,7 +290,7 @@ def test_steps_are_timed_side_by_side_round_after_round() -> None:
 def test_quick_run_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     model = write_darkness_model(tmp_path / "tiny.onnx")
     data = make_dataset(tmp_path / "data", "normalized", n=10, size=64, seed=3)
-    checkable = make_dataset(tmp_path / "checkable", "normalized", n=3, size=(192, 256), seed=4)
+    checkable = make_dataset(tmp_path / "checkable", "normalized", n=3, size=(256, 384), seed=4)
     large = tmp_path / "ISIC_0012099.jpg"  # the 6 MP goal's name, at a size a test can afford
     large.write_bytes(synthetic_photo((600, 800)))
     out, results = tmp_path / "performance.md", tmp_path / "performance.json"
@@ -321,7 +321,7 @@ def test_quick_run_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert [level["concurrency"] for level in large_http["levels"]] == [1]
     assert [p["size"] for p in document["pipeline"]["photos"]] == [[768, 1024], [600, 800]]
     assert all(p["before"]["steps"]["encode"]["n"] >= 3 for p in document["pipeline"]["photos"])
-    assert len(document["decode_check"]["photos"]) == 3  # 192×256 JPEGs decode at 1/2 for a 64×64 input
+    assert len(document["decode_check"]["photos"]) == 3  # 256×384 JPEGs decode at 1/2 (2× a 64×64 input)
     assert [level["concurrency"] for level in http["levels"]] == [1, 8]
     assert all(level["latency"]["n"] >= 4 and not level["errors"] for level in http["levels"])
     assert http["memory_ready"]["rss_mib"] > 0
