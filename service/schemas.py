@@ -153,6 +153,16 @@ class SegmentParams(BaseModel):
         description="png: answer with the mask's PNG bytes (as Accept: image/png does).",
     )
 
+    def options(self, model_threshold: float) -> SegmentOptions:
+        """The options the segmentation runs with: the model's threshold unless one was given."""
+        return SegmentOptions(
+            threshold=model_threshold if self.threshold is None else self.threshold,
+            flip_tta=self.flip_tta,
+            largest_component=self.largest_component,
+            fill_holes=self.fill_holes,
+            pixel_spacing_mm=self.pixel_spacing_mm,
+        )
+
 
 class SegmentOptions(BaseModel):
     """The options the segmentation ran with."""

@@ -254,13 +254,7 @@ async def segment(
     params = _with_form_fields(query, upload.fields)
     png_only = wants_png(params.response_format, request.headers.get("accept"))
     wanted = {name for name in params.outputs.split(",") if name}
-    options = SegmentOptions(
-        threshold=served.info.threshold if params.threshold is None else params.threshold,
-        flip_tta=params.flip_tta,
-        largest_component=params.largest_component,
-        fill_holes=params.fill_holes,
-        pixel_spacing_mm=params.pixel_spacing_mm,
-    )
+    options = params.options(served.info.threshold)
     received = time.perf_counter()
     async with limiter.slot():
         slotted = time.perf_counter()

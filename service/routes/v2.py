@@ -336,13 +336,7 @@ def _options(parameters: dict[str, Any], served: ServedModel) -> tuple[SegmentOp
     binary_output = parameters.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise oip.bad_request("parameters: binary_data_output must be true or false")
-    options = SegmentOptions(
-        threshold=served.info.threshold if params.threshold is None else params.threshold,
-        flip_tta=params.flip_tta,
-        largest_component=params.largest_component,
-        fill_holes=params.fill_holes,
-        pixel_spacing_mm=params.pixel_spacing_mm,
-    )
+    options = params.options(served.info.threshold)
     return options, binary_output
 
 
