@@ -7,6 +7,7 @@ Heavy libraries (TensorFlow, Keras, ONNX Runtime) are imported by each command w
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -435,6 +436,41 @@ def _run_calibrate_quality(args: argparse.Namespace) -> int:
     return calibrate_cli(args)
 
 
+# --- recover ---------------------------------------------------------------------------------------
+
+
+def _add_recover(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "recover",
+        help="rebuild a trainable .keras checkpoint from an exported ONNX model (for --init-from)",
+        description="Read the weights back out of an ONNX export (its folded batch normalizations undone, "
+        "their statistics measured on photos), check the result against ONNX Runtime, and save it.",
+    )
+    parser.add_argument("--model", type=_existing_path, required=True, help="the .onnx model")
+    parser.add_argument("--card", type=_existing_path, required=True, help="its card (NAME.json)")
+    parser.add_argument("--data", action="append", type=_existing_dir, required=True, help="photos' folder")
+    parser.add_argument("--photos", type=_positive_int, default=48, help="photos to measure on")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint to write (.keras)")
+    parser.set_defaults(handler=_run_recover)
+
+
+def _run_recover(args: argparse.Namespace) -> int:
+    import random
+
+    from training.data import load_samples
+    from training.recover import RecoverError, recover_checkpoint
+
+    samples = load_samples(args.data, validate=False)
+    chosen = random.Random(args.seed).sample(samples, min(args.photos, len(samples)))
+    try:
+        report = recover_checkpoint(args.model, args.card, args.out, [s.image_path for s in chosen])
+    except RecoverError as error:
+        raise CommandError(str(error)) from None
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 # --- serve -----------------------------------------------------------------------------------------
 
 
@@ -459,6 +495,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_export,
     _add_predict,
     _add_calibrate_quality,
+    _add_recover,
     _add_serve,
 )
 
