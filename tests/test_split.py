@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import make_dataset
 from training.data import DataError, Sample, load_samples
-from training.split import load_split, save_split, split_samples
+from training.split import load_split, save_split, split_like_card, split_samples
 
 # --- split --------------------------------------------------------------------------------------------------
 
@@ -271,3 +271,31 @@ def test_ham10000_split_keeps_every_lesion_on_one_side(shared_data: Path) -> Non
     for diagnosis, size in Counter(sample.diagnosis for sample in samples).items():
         in_val = sum(sample.diagnosis == diagnosis for sample in val)
         assert abs(in_val - 0.2 * size) <= 6, diagnosis
+
+
+# --- split like a model card (warm starts) ----------------------------------------------------------------
+
+
+def test_split_like_a_card_keeps_what_its_model_saw_on_the_same_side() -> None:
+    seen = _fake_samples(["nevus", "melanoma"] * 20, dataset="isic")
+    new = _grouped_samples()
+    card = {"training": {"data": {"datasets": ["isic"], "val_ids": ["isic/S0003", "isic/S0010"]}}}
+
+    train, val = split_like_card(seen + new, card, 0.2, seed=0)
+
+    assert {s.id for s in val if s.dataset == "isic"} == {"S0003", "S0010"}, (
+        "its validation photos, no others"
+    )
+    assert len([s for s in train if s.dataset == "isic"]) == 38, (
+        "everything else it trained on stays in training"
+    )
+    others_train, others_val = split_samples(new, 0.2, seed=0)
+    assert [s for s in train if s.dataset != "isic"] == others_train, "the new photos split as usual"
+    assert [s for s in val if s.dataset != "isic"] == others_val
+    assert not {s.group for s in train if s.group} & {s.group for s in val if s.group}
+
+
+def test_split_like_a_card_without_validation_photos_is_refused() -> None:
+    card = {"training": {"data": {"datasets": ["isic"]}}}
+    with pytest.raises(DataError, match="no validation photos"):
+        split_like_card(_fake_samples(["nevus"] * 4, dataset="isic"), card, 0.2, seed=0)

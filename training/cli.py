@@ -108,6 +108,13 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         help="warm start: the weights (not the optimizer state) of a .keras checkpoint of the same network",
     )
     parser.add_argument(
+        "--split-like",
+        type=_existing_path,
+        metavar="CARD",
+        help="a model card: its run's training photos stay in training and its validation photos in "
+        "validation (use with --init-from that model's weights); other photos are split as usual",
+    )
+    parser.add_argument(
         "--decoder-filters",
         type=_positive_int,
         nargs=5,
@@ -206,6 +213,7 @@ def _run_train(args: argparse.Namespace) -> int:
                 arch=args.arch,
                 encoder_weights=args.encoder_weights,
                 init_from=str(args.init_from) if args.init_from else None,
+                split_like=str(args.split_like) if args.split_like else None,
                 decoder_filters=tuple(args.decoder_filters),
                 unet_base_filters=args.unet_base_filters,
                 dropout_rate=args.dropout_rate,

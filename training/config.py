@@ -36,6 +36,14 @@ class TrainConfig:
         default=None,
         metadata={"help": "warm start: the weights (not the optimizer state) of a .keras checkpoint"},
     )
+    split_like: str | None = field(
+        default=None,
+        metadata={
+            "help": "a model card (models/NAME.json): the photos its run trained on stay in training and its "
+            "validation photos in validation, so a warm start from that model never validates on what it "
+            "saw; the rest are split as usual"
+        },
+    )
     decoder_filters: tuple[int, ...] = field(
         default=(512, 256, 128, 64, 32), metadata={"help": "decoder widths, deepest stage first"}
     )

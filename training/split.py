@@ -80,6 +80,33 @@ def split_samples(
     return sorted(train, key=sample_sort_key), sorted(val, key=sample_sort_key)
 
 
+def split_like_card(
+    samples: Sequence[Sample], card: dict[str, Any], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Splits as :func:`split_samples` does, except that the photos a model card's run saw keep their side.
+
+    A warm start begins with a model's weights, so the new run must not validate on the photos that model
+    trained on. The card (``models/NAME.json``) names the datasets that run used and its validation photos:
+    those validation photos stay in validation, that run's other photos of those datasets stay in training,
+    and only the photos of other datasets are split, stratified and grouped as usual.
+
+    Returns:
+        ``(train, val)``, each sorted by dataset, id and image path.
+    """
+    data = card.get("training", {}).get("data", {})
+    seen = set(data.get("datasets", []))
+    validation = set(data.get("val_ids", []))
+    if seen and not validation:
+        raise DataError(
+            "the model card lists no validation photos (training.data.val_ids): cannot split like it"
+        )
+    kept_train = [s for s in samples if s.dataset in seen and f"{s.dataset}/{s.id}" not in validation]
+    kept_val = [s for s in samples if s.dataset in seen and f"{s.dataset}/{s.id}" in validation]
+    rest = [s for s in samples if s.dataset not in seen]
+    train, val = split_samples(rest, val_fraction, seed) if rest else ([], [])
+    return sorted(train + kept_train, key=sample_sort_key), sorted(val + kept_val, key=sample_sort_key)
+
+
 def _validation_counts(sizes: dict[Any, int], val_fraction: float) -> dict[Any, int]:
     """How many samples of each stratum go to validation (``sizes`` in the strata's order).
 

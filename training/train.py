@@ -30,7 +30,7 @@ from training.data import DataError, load_samples
 from training.dataset import EpochSync, SegmentationDataset
 from training.losses import get_loss
 from training.model import build_model
-from training.split import limit_samples, load_split, save_split, split_samples
+from training.split import limit_samples, load_split, save_split, split_like_card, split_samples
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,11 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
         samples = load_samples([Path(root) for root in cfg.data])
         if cfg.max_images is not None:
             samples = limit_samples(samples, cfg.max_images, cfg.seed)
-        train_samples, val_samples = split_samples(samples, cfg.val_fraction, cfg.seed)
+        if cfg.split_like:
+            card = json.loads(Path(cfg.split_like).read_text())
+            train_samples, val_samples = split_like_card(samples, card, cfg.val_fraction, cfg.seed)
+        else:
+            train_samples, val_samples = split_samples(samples, cfg.val_fraction, cfg.seed)
         save_split(split_path, train_samples, val_samples, seed=cfg.seed, val_fraction=cfg.val_fraction)
     logger.info("training on %d images, validating on %d", len(train_samples), len(val_samples))
 
