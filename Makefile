@@ -7,7 +7,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-fast lint openapi bench load reproduce release-eval calibrate-quality report loso loso-compare smoke clean
+.PHONY: help serve test test-fast lint openapi bench load reproduce release-previous release-train release-export release-eval calibrate-quality report loso loso-compare smoke clean
 
 help: ## list the tasks
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -77,21 +77,55 @@ reproduce: $(BIN)/.dev-deps ## train and evaluate the paper's three models into 
 	    --out runs/repro-$$run/eval_external.json || exit 1; \
 	done
 
-RELEASE_RUN ?= runs/release
-RELEASE_EVAL = $(BIN)/dermaseg evaluate --model models/dermaseg.onnx --card models/dermaseg.json
+# Release 2.0.0 (issue 12): release 1.0.0's weights, read back out of its ONNX file in git (`dermaseg recover`),
+# fine-tuned on all three sources with the recipe the leave-one-source-out check chose (docs/results.md).
+# 1.0.0's validation photos stay in validation (--split-like its card); HAMs are split grouped by lesion.
+# Rerunning resumes an interrupted run. About 75 minutes on the 2-CPU box.
+V1_COMMIT ?= adc9ade
+V1_DIR ?= runs/v1.0.0
+RELEASE_RUN ?= runs/release-2.0.0
+RELEASE_DATA = --data $(DATA)/ph2 --data $(DATA)/isic2017_train --data $(DATA)/ham10000
+RELEASE_OPTS ?= --encoder-weights none --decoder-filters 256 128 64 32 16 --image-size 192 \
+  --precision mixed_bfloat16 --loss focal+jaccard --photometric --rotation-degrees 180 \
+  --learning-rate 1e-4 --schedule cosine --epochs 6 --steps-per-epoch 150 --val-fraction 0.1 --seed 42
+release-previous: $(BIN)/.dev-deps ## release 1.0.0 from git into runs/v1.0.0: its ONNX file, card and recovered checkpoint
+	mkdir -p $(V1_DIR)
+	git show $(V1_COMMIT):models/dermaseg.onnx > $(V1_DIR)/dermaseg.onnx
+	git show $(V1_COMMIT):models/dermaseg.json > $(V1_DIR)/dermaseg.json
+	test -f $(V1_DIR)/recovered.keras || $(BIN)/dermaseg recover --model $(V1_DIR)/dermaseg.onnx \
+	  --card $(V1_DIR)/dermaseg.json --data $(DATA)/ph2 --data $(DATA)/isic2017_train --out $(V1_DIR)/recovered.keras
 
-release-eval: $(BIN)/.dev-deps ## score the shipped model: its validation split (each post-processing) and samples/
-	$(RELEASE_EVAL) --data $(DATA)/ph2 --split $(RELEASE_RUN)/split.json --out $(RELEASE_RUN)/eval_val_plain.json
-	$(RELEASE_EVAL) --data $(DATA)/ph2 --split $(RELEASE_RUN)/split.json --out $(RELEASE_RUN)/eval_val_tta.json \
-	  --flip-tta
-	$(RELEASE_EVAL) --data $(DATA)/ph2 --split $(RELEASE_RUN)/split.json --out $(RELEASE_RUN)/eval_val_lc.json \
-	  --largest-component
-	$(RELEASE_EVAL) --data $(DATA)/ph2 --split $(RELEASE_RUN)/split.json --out $(RELEASE_RUN)/eval_val_fh.json \
-	  --fill-holes
-	$(RELEASE_EVAL) --data $(DATA)/ph2 --split $(RELEASE_RUN)/split.json --out $(RELEASE_RUN)/eval_val_all.json \
-	  --flip-tta --largest-component --fill-holes
-	$(RELEASE_EVAL) --data $(DATA)/samples --out $(RELEASE_RUN)/eval_samples.json \
-	  --overlays $(RELEASE_RUN)/overlays_samples
+release-train: release-previous ## train the release model into runs/release-2.0.0 (resumes), warm-started from 1.0.0
+	if [ -f $(RELEASE_RUN)/config.json ]; then \
+	  $(BIN)/dermaseg train --resume $(RELEASE_RUN); \
+	else \
+	  $(BIN)/dermaseg train $(RELEASE_DATA) --out $(RELEASE_RUN) --init-from $(V1_DIR)/recovered.keras \
+	    --split-like $(V1_DIR)/dermaseg.json $(RELEASE_OPTS); \
+	fi
+
+RELEASE_VERSION ?= 2.0.0
+RELEASE_THRESHOLD ?= 0.5
+release-export: $(BIN)/.dev-deps ## export runs/release-2.0.0/best.keras to models/dermaseg.onnx (float16) and its card
+	$(BIN)/dermaseg export --checkpoint $(RELEASE_RUN)/best.keras --out models/dermaseg.onnx --name dermaseg \
+	  --version $(RELEASE_VERSION) --threshold $(RELEASE_THRESHOLD) --variants float16 int8 --ship float16 \
+	  --calibration-data $(DATA)/ph2 --calibration-data $(DATA)/isic2017_train --calibration-data $(DATA)/ham10000
+
+# The shipped model on its validation split (every source; each post-processing; two more thresholds), release
+# 1.0.0 on the same photos (none of which it trained on), and the sample photos at their original size.
+RELEASE_EVAL = $(BIN)/dermaseg evaluate --model models/dermaseg.onnx --card models/dermaseg.json $(RELEASE_DATA) \
+  --split $(RELEASE_RUN)/split.json
+release-eval: $(BIN)/.dev-deps ## score the shipped model and 1.0.0 on the release run's validation split, and samples/
+	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_plain.json
+	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_tta.json --flip-tta
+	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_lc.json --largest-component
+	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_fh.json --fill-holes
+	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_all.json --flip-tta --largest-component --fill-holes
+	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_t040.json --threshold 0.4 --label threshold_0.4
+	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_t060.json --threshold 0.6 --label threshold_0.6
+	$(BIN)/dermaseg evaluate --model $(V1_DIR)/dermaseg.onnx $(RELEASE_DATA) --split $(RELEASE_RUN)/split.json \
+	  --out $(RELEASE_RUN)/v1_val_plain.json
+	$(BIN)/dermaseg evaluate --model models/dermaseg.onnx --card models/dermaseg.json --data $(DATA)/samples \
+	  --out $(RELEASE_RUN)/eval_samples.json --overlays $(RELEASE_RUN)/overlays_samples
 
 calibrate-quality: $(BIN)/.dev-deps ## fit models/dermaseg.quality.json on unseen photos, report in docs/quality-calibration.json
 	nice -n 10 $(BIN)/python -m training.cli calibrate-quality --model models/dermaseg.onnx --card models/dermaseg.json \
