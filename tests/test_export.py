@@ -236,6 +236,8 @@ def test_metadata_round_trip_and_sidecar_hash(exported):
 def test_card_describes_the_model_its_training_and_its_making(exported, dataset):
     card = exported["card"]
     assert card["intended_use"] == "research use, not for diagnosis"
+    (terms,) = card["data_terms"].values()  # a synthetic dataset: its terms are not known
+    assert terms.startswith("unknown")
     assert card["input_size"] == "64x64" and card["threshold"] == 0.5
     assert card["normalization"] == "RGB 0–255 float32; the network rescales internally x/127.5−1"
     assert card["input"]["shape"] == ["N", 64, 64, 3] and card["output"]["name"] == "probability"
@@ -511,3 +513,18 @@ def test_mixed_precision_models_are_rebuilt_in_float32():
     got = keras.ops.convert_to_numpy(rebuilt(batch))
     assert np.max(np.abs(got - expected)) < 0.02  # bfloat16 rounding in the original
     assert as_float32(rebuilt) is rebuilt
+
+
+def test_the_card_carries_each_datasets_terms_and_their_restriction() -> None:
+    from training.export.card import data_terms, intended_use
+
+    assert intended_use(["isic2017_train"]) == "research use, not for diagnosis"
+    assert intended_use(["isic2017_train", "ph2", "ham10000"]) == (
+        "research use, not for diagnosis; non-commercial only (trained on ham10000, ph2)"
+    )
+    terms = data_terms(["ham10000", "ph2", "isic2017_train"])
+    assert (
+        "CC BY-NC 4.0" in terms["ham10000"]
+        and "research" in terms["ph2"]
+        and "CC-0" in terms["isic2017_train"]
+    )

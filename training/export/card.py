@@ -20,6 +20,34 @@ logger = logging.getLogger(__name__)
 
 INTENDED_USE = "research use, not for diagnosis"
 
+#: The terms of the datasets DermaSeg trains on (../shared/data/SOURCES.md), by dataset name.
+DATA_TERMS = {
+    "ph2": "PH2: free for research and benchmarking only, no open licence (treat as non-commercial); "
+    "cite Mendonça et al., EMBC 2013",
+    "isic2017_train": "ISIC 2017 challenge data: listed by ISIC as CC-0; cite Codella et al., "
+    "arXiv:1710.05006",
+    "ham10000": "HAM10000 images and Tschandl et al.'s lesion masks: CC BY-NC 4.0 (non-commercial); cite "
+    "Tschandl et al., Sci Data 2018",
+}
+#: Datasets whose terms forbid commercial use: a model trained on any of them inherits the restriction.
+NON_COMMERCIAL = frozenset({"ph2", "ham10000"})
+
+
+def data_terms(datasets: Sequence[str]) -> dict[str, str]:
+    """The terms of each training dataset; one that DermaSeg does not know is said to be unknown."""
+    return {
+        name: DATA_TERMS.get(name, "unknown: check the dataset's terms before using this model")
+        for name in datasets
+    }
+
+
+def intended_use(datasets: Sequence[str]) -> str:
+    """:data:`INTENDED_USE`, narrowed to non-commercial use when a training dataset requires it."""
+    restricted = sorted(NON_COMMERCIAL.intersection(datasets))
+    if not restricted:
+        return INTENDED_USE
+    return f"{INTENDED_USE}; non-commercial only (trained on {', '.join(restricted)})"
+
 
 def _read_json(path: Path) -> Any:
     try:
@@ -144,11 +172,14 @@ def build_card(
     """The model card (MONAI-bundle style): what the model is, how it was made and measured, and for what."""
     height, width = input_size
     run_dir = checkpoint.parent
+    training = _training_section(run_dir)
+    datasets = training.get("data", {}).get("datasets", [])
     return {
         "name": name,
         "version": version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "intended_use": INTENDED_USE,
+        "intended_use": intended_use(datasets),
+        "data_terms": data_terms(datasets),
         "input": {
             "name": INPUT_NAME,
             "dtype": "float32",
@@ -169,7 +200,7 @@ def build_card(
         "threshold": threshold,
         "normalization": normalization,
         "postprocess": "resize the probability back to the photo's size (bilinear), then threshold (≥)",
-        "training": _training_section(run_dir),
+        "training": training,
         "evaluation": _evaluation_section(run_dir),
         "export": {
             "checkpoint": str(checkpoint.resolve()),
