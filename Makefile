@@ -7,7 +7,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-fast lint openapi bench load reproduce release-previous release-train release-export release-eval calibrate-quality report loso loso-compare smoke clean
+.PHONY: help serve test test-fast lint openapi bench load reproduce release-previous release-train release-export release-eval release-report calibrate-quality report loso loso-compare smoke clean
 
 help: ## list the tasks
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -92,8 +92,9 @@ release-previous: $(BIN)/.dev-deps ## release 1.0.0 from git into runs/v1.0.0: i
 	mkdir -p $(V1_DIR)
 	git show $(V1_COMMIT):models/dermaseg.onnx > $(V1_DIR)/dermaseg.onnx
 	git show $(V1_COMMIT):models/dermaseg.json > $(V1_DIR)/dermaseg.json
-	test -f $(V1_DIR)/recovered.keras || $(BIN)/dermaseg recover --model $(V1_DIR)/dermaseg.onnx \
-	  --card $(V1_DIR)/dermaseg.json --data $(DATA)/ph2 --data $(DATA)/isic2017_train --out $(V1_DIR)/recovered.keras
+	test -f $(V1_DIR)/recover.json || $(BIN)/dermaseg recover --model $(V1_DIR)/dermaseg.onnx \
+	  --card $(V1_DIR)/dermaseg.json --data $(DATA)/ph2 --data $(DATA)/isic2017_train \
+	  --out $(V1_DIR)/recovered.keras > $(V1_DIR)/recover.json
 
 release-train: release-previous ## train the release model into runs/release-2.0.0 (resumes), warm-started from 1.0.0
 	if [ -f $(RELEASE_RUN)/config.json ]; then \
@@ -133,8 +134,12 @@ calibrate-quality: $(BIN)/.dev-deps ## fit models/dermaseg.quality.json on unsee
 	  --flip-agreement --rows runs/quality/rows.csv --out models/dermaseg.quality.json \
 	  --report docs/quality-calibration.json
 
-report: $(BIN)/.dev-deps ## write docs/results.md from the run directories in runs/
+report: $(BIN)/.dev-deps ## write docs/results.md from the run directories in runs/ (the reproduction's and releases')
 	$(BIN)/python -m training.report
+	$(BIN)/python -m training.release_report
+
+release-report: $(BIN)/.dev-deps ## rewrite only the release 2.0.0 section of docs/results.md (release and LOSO runs)
+	$(BIN)/python -m training.release_report
 
 # Leave-one-source-out ranking of recipe options (issue 12): train on PH2 + HAM10000 without the ISIC 2017
 # training images, small and short, then score on those. `make loso NAME=base`, then e.g.
