@@ -70,7 +70,7 @@ def _interval(difference: dict[str, Any]) -> str:
 def _recipe_value(cfg: TrainConfig, field: str) -> str:
     value = getattr(cfg, field)
     if field == "data":
-        return ", ".join(Path(root).name for root in value)
+        return ", ".join(Path(root).name for root in value) or "–"
     if field == "image_size":
         return f"{value}²"
     if field == "decoder_filters":
@@ -114,12 +114,15 @@ def loso_section(runs: dict[str, Path]) -> list[str]:
     names = list(evaluations)
     base = evaluations[names[0]]
     held_out = ", ".join(f"`{root}`" for root in base.get("data", []))
+    cfg = TrainConfig.load(runs[names[0]] / "config.json")
+    trained_on = " + ".join(Path(root).name for root in cfg.data)
     lines = [
         "### Choosing the recipe: leave one source out",
         "",
-        f"Each recipe trained on PH2 + HAM10000 only and scored on {held_out} ({base['n_images']} photos it",
+        f"Each recipe trained on {trained_on} only and scored on {held_out} ({base['n_images']} photos it",
         "never saw; `make loso NAME=… RECIPE=…`, then `make loso-compare`). Small and short for all alike:",
-        "release 1.0.0's network at 128², 12 epochs × 60 steps of 16, random initialization. Differences are",
+        f"release 1.0.0's network at {cfg.image_size}², {cfg.epochs} epochs × {cfg.steps_per_epoch} steps of "
+        f"{cfg.batch_size}, random initialization. Differences are",
         f"paired photo by photo against `{names[0]}` (mean, 95 % interval; photos worse / better); a failure",
         "is a photo with Jaccard below 0.65, the thresholded Jaccard counts those as 0.",
         "",
