@@ -149,7 +149,7 @@ release-report: $(BIN)/.dev-deps ## rewrite only the release 2.0.0 section of do
 NAME ?= base
 RECIPE ?=
 LOSO_SIZE ?= 128
-LOSO_EPOCHS ?= 12
+LOSO_EPOCHS ?= 8
 LOSO_STEPS ?= 60
 # Release 1.0.0's network and schedule (its card), small and short; RECIPE's options come after and win.
 LOSO_OPTS ?= --encoder-weights none --decoder-filters 256 128 64 32 16 --precision mixed_bfloat16 \
@@ -158,7 +158,7 @@ LOSO_HELD_OUT ?= $(DATA)/isic2017_train
 LOSO_RUN = runs/loso-$(NAME)
 loso: $(BIN)/.dev-deps ## leave-one-source-out: train RECIPE="..." on PH2 + HAM10000 into runs/loso-NAME, score on ISIC 2017
 	if [ -f $(LOSO_RUN)/config.json ]; then \
-	  $(BIN)/dermaseg train --resume $(LOSO_RUN); \
+	  $(BIN)/dermaseg train --resume $(LOSO_RUN) --epochs $(LOSO_EPOCHS); \
 	else \
 	  $(BIN)/dermaseg train --data $(DATA)/ph2 --data $(DATA)/ham10000 --out $(LOSO_RUN) \
 	    --image-size $(LOSO_SIZE) --epochs $(LOSO_EPOCHS) --steps-per-epoch $(LOSO_STEPS) $(LOSO_OPTS) $(RECIPE); \
