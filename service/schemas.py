@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 CardSource = Literal["sidecar", "embedded"]
 
 #: Example values used in the OpenAPI document.
-_EXAMPLE_MODEL: dict[str, Any] = {"name": "dermaseg-resnet50v2-unet", "version": "1.0.0"}
+_EXAMPLE_MODEL: dict[str, Any] = {"name": "dermaseg-resnet50v2-unet", "version": "2.0.0"}
 _EXAMPLE_PROVIDERS: list[Any] = ["CPUExecutionProvider"]
 
 
@@ -302,7 +302,8 @@ class ModelCard(BaseModel):
                     "requested_providers": ["cpu"],
                     "sha256": "9b1d…",
                     "card": {
-                        "intended_use": "research use, not for diagnosis",
+                        "intended_use": "research use, not for diagnosis; non-commercial only "
+                        "(trained on ham10000, ph2)",
                         "input": {"dtype": "float32", "layout": "NHWC", "range": [0, 255]},
                     },
                     "card_source": "sidecar",
