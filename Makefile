@@ -128,11 +128,12 @@ release-eval: $(BIN)/.dev-deps ## score the shipped model and 1.0.0 on the relea
 	$(BIN)/dermaseg evaluate --model models/dermaseg.onnx --card models/dermaseg.json --data $(DATA)/samples \
 	  --out $(RELEASE_RUN)/eval_samples.json --overlays $(RELEASE_RUN)/overlays_samples
 
-calibrate-quality: $(BIN)/.dev-deps ## fit models/dermaseg.quality.json on unseen photos, report in docs/quality-calibration.json
+calibrate-quality: $(BIN)/.dev-deps ## fit models/dermaseg.quality.json on unseen photos; docs/quality-calibration.json and docs/quality.md
 	nice -n 10 $(BIN)/python -m training.cli calibrate-quality --model models/dermaseg.onnx --card models/dermaseg.json \
 	  --data $(DATA)/ham10000 --data $(DATA)/isic2017_train --data $(DATA)/ph2 --max-per-source 3000 --seed 14 \
 	  --flip-agreement --rows runs/quality/rows.csv --out models/dermaseg.quality.json \
 	  --report docs/quality-calibration.json
+	$(BIN)/python -m training.quality_report
 
 report: $(BIN)/.dev-deps ## write docs/results.md from the run directories in runs/ (the reproduction's and releases')
 	$(BIN)/python -m training.report

@@ -310,3 +310,15 @@ def test_rows_round_trip(tmp_path: Path) -> None:
     rows = [row("ham", "L1", 0.71), QualityRow("isic", "X", "X", quality_features(np.zeros((8, 8))), 0.0)]
     write_rows(tmp_path / "rows.csv", rows)
     assert read_rows(tmp_path / "rows.csv") == rows
+
+
+def test_the_quality_page_is_the_calibration_report() -> None:
+    """docs/quality.md is what `python -m training.quality_report` writes from the committed report."""
+    from training.quality_report import render
+
+    root = Path(__file__).resolve().parents[1]
+    report = json.loads((root / "docs" / "quality-calibration.json").read_text())
+    card = json.loads((root / "models" / "dermaseg.json").read_text())
+    assert report["model_sha256"] == card["sha256"], "the report is of another model: make calibrate-quality"
+    expected = render(report, card["version"])
+    assert (root / "docs" / "quality.md").read_text() == expected, "rerun python -m training.quality_report"
