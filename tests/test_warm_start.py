@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import keras
@@ -86,3 +87,32 @@ def test_train_refuses_before_making_the_run_or_with_another_network(
     with pytest.raises(ConfigError, match="another network"):
         train(wider)
     assert not (tmp_path / "b" / "last.keras").exists()
+
+
+def test_a_warm_start_split_like_its_models_card_validates_on_what_that_model_did_not_train_on(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    data = make_dataset(tmp_path / "data", "normalized", n=6, size=32)
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"training": {"data": {"datasets": ["data"], "val_ids": ["data/SYN_0004"]}}}))
+    cfg = TrainConfig(
+        data=[str(data)],
+        out=str(tmp_path / "run"),
+        init_from=str(checkpoint),
+        split_like=str(card),
+        arch="unet",
+        unet_base_filters=4,
+        dropout_rate=0.0,
+        image_size=32,
+        batch_size=2,
+        epochs=1,
+        workers=1,
+        val_fraction=0.5,  # would hold out three photos if the card did not decide
+    )
+
+    train(cfg)
+
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert [entry["id"] for entry in split["val"]] == ["SYN_0004"]
+    assert len(split["train"]) == 5
+    assert TrainConfig.load(tmp_path / "run" / "config.json").split_like == str(card)
