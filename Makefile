@@ -111,7 +111,7 @@ release-export: $(BIN)/.dev-deps ## export runs/release-2.0.0/best.keras to mode
 	  --version $(RELEASE_VERSION) --threshold $(RELEASE_THRESHOLD) --variants float16 int8 --ship float16 \
 	  --calibration-data $(DATA)/ph2 --calibration-data $(DATA)/isic2017_train --calibration-data $(DATA)/ham10000
 
-# The shipped model on its validation split (every source; each post-processing; two more thresholds), release
+# The shipped model on its validation split (every source; each post-processing; thresholds 0.3–0.6), release
 # 1.0.0 on the same photos (none of which it trained on), and the sample photos at their original size.
 RELEASE_EVAL = $(BIN)/dermaseg evaluate --model models/dermaseg.onnx --card models/dermaseg.json $(RELEASE_DATA) \
   --split $(RELEASE_RUN)/split.json
@@ -121,8 +121,9 @@ release-eval: $(BIN)/.dev-deps ## score the shipped model and 1.0.0 on the relea
 	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_lc.json --largest-component
 	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_fh.json --fill-holes
 	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_all.json --flip-tta --largest-component --fill-holes
-	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_t040.json --threshold 0.4 --label threshold_0.4
-	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_t060.json --threshold 0.6 --label threshold_0.6
+	for t in 0.3 0.4 0.5 0.6; do \
+	  $(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_t$$t.json --threshold $$t --label threshold_$$t || exit 1; \
+	done
 	$(BIN)/dermaseg evaluate --model $(V1_DIR)/dermaseg.onnx $(RELEASE_DATA) --split $(RELEASE_RUN)/split.json \
 	  --out $(RELEASE_RUN)/v1_val_plain.json
 	$(BIN)/dermaseg evaluate --model models/dermaseg.onnx --card models/dermaseg.json --data $(DATA)/samples \

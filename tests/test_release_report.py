@@ -44,7 +44,7 @@ def runs(tmp_path: Path) -> Path:
     new = {"ISIC_0000001": 0.7, "ISIC_0000002": 0.9, "IMD002": 0.8, "ISIC_0030000": 0.8}
     (release / "v1_val_plain.json").write_text(json.dumps(_evaluation(old)))
     (release / "eval_val_plain.json").write_text(json.dumps(_evaluation(new)))
-    (release / "eval_val_t040.json").write_text(json.dumps(_evaluation({**new, "ISIC_0000001": 0.75})))
+    (release / "eval_val_t0.4.json").write_text(json.dumps(_evaluation({**new, "ISIC_0000001": 0.75})))
     for name, value in (("base", 0.6), ("bundle", 0.7)):
         loso = tmp_path / f"loso-{name}"
         loso.mkdir()
