@@ -49,7 +49,7 @@ INCONSISTENCIES = """\
 """
 
 
-def _load(path: Path) -> dict[str, Any] | None:
+def load_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -136,9 +136,9 @@ def write_report(
                 "label": LABELS.get(key, key),
                 "run": run,
                 "config": cfg,
-                "summary": _load(run / "summary.json") or {},
-                "val": _load(run / "eval_val.json"),
-                "external": _load(run / "eval_external.json"),
+                "summary": load_json(run / "summary.json") or {},
+                "val": load_json(run / "eval_val.json"),
+                "external": load_json(run / "eval_external.json"),
             }
         )
 
@@ -281,9 +281,9 @@ def _training_hours(run: Path, summary: dict[str, Any]) -> str:
 
 def release_section(release: Path, card_path: Path, figures: Path) -> list[str]:
     """The release model: how it was trained, the evidence behind its variant, and what it scores."""
-    card = _load(card_path) or {}
+    card = load_json(card_path) or {}
     cfg = TrainConfig.load(release / "config.json")
-    summary = _load(release / "summary.json") or {}
+    summary = load_json(release / "summary.json") or {}
     lines = [
         "## Release 1.0.0",
         "",
@@ -311,7 +311,7 @@ def release_section(release: Path, card_path: Path, figures: Path) -> list[str]:
         shutil.copyfile(release / "curves.png", figures / "curves_release.png")
         lines += ["![release training curves](figures/curves_release.png)", ""]
 
-    plain = _load(release / "eval_val_plain.json")
+    plain = load_json(release / "eval_val_plain.json")
     if plain is not None:
         lines += [
             "### Post-processing, chosen on the validation split",
@@ -323,7 +323,7 @@ def release_section(release: Path, card_path: Path, figures: Path) -> list[str]:
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for key, label in RELEASE_VARIANTS.items():
-            result = _load(release / f"eval_val_{key}.json")
+            result = load_json(release / f"eval_val_{key}.json")
             if result is None:
                 continue
             mean = result["mean"]
@@ -365,8 +365,8 @@ def release_section(release: Path, card_path: Path, figures: Path) -> list[str]:
             "",
         ]
 
-    samples = _load(release / "eval_samples.json")
-    split = _load(release / "split.json")
+    samples = load_json(release / "eval_samples.json")
+    split = load_json(release / "split.json")
     if samples is not None and split is not None:
         seen = {row["id"]: "training" for row in split["train"]}
         seen.update({row["id"]: "validation" for row in split["val"]})
