@@ -140,8 +140,8 @@ report: $(BIN)/.dev-deps ## write docs/results.md from the run directories in ru
 	$(BIN)/python -m training.report
 	$(BIN)/python -m training.release_report
 
-release-report: $(BIN)/.dev-deps ## rewrite only the release 2.0.0 section of docs/results.md (release and LOSO runs)
-	$(BIN)/python -m training.release_report
+release-report: $(BIN)/.dev-deps ## rewrite the release 2.0.0 section of docs/results.md and the card's recipe evidence
+	$(BIN)/python -m training.release_report --write-card
 
 # Leave-one-source-out ranking of recipe options (issue 12): train on PH2 + HAM10000 without the ISIC 2017
 # training images, small and short, then score on those. `make loso NAME=base`, then e.g.

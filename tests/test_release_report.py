@@ -44,7 +44,9 @@ def runs(tmp_path: Path) -> Path:
     new = {"ISIC_0000001": 0.7, "ISIC_0000002": 0.9, "IMD002": 0.8, "ISIC_0030000": 0.8}
     (release / "v1_val_plain.json").write_text(json.dumps(_evaluation(old)))
     (release / "eval_val_plain.json").write_text(json.dumps(_evaluation(new)))
-    (release / "eval_val_t0.4.json").write_text(json.dumps(_evaluation({**new, "ISIC_0000001": 0.75})))
+    (release / "eval_val_t0.4.json").write_text(
+        json.dumps(_evaluation({**new, "ISIC_0000001": 0.75}) | {"threshold": 0.4})
+    )
     for name, value in (("base", 0.6), ("bundle", 0.7)):
         loso = tmp_path / f"loso-{name}"
         loso.mkdir()
@@ -91,3 +93,23 @@ def test_the_section_is_computed_from_the_runs_and_replaces_only_itself(runs: Pa
 
 def test_a_page_without_the_section_gets_it_at_the_end() -> None:
     assert update_page("# Results\n", [BEGIN, "x", END]).endswith(f"{BEGIN}\nx\n{END}\n")
+
+
+def test_the_card_gets_the_evidence_behind_the_recipe_and_the_threshold(runs: Path) -> None:
+    card = runs / "card.json"
+    card.write_text(json.dumps({"version": "2.0.0", "sha256": "x"}))
+    arguments = ["--release", str(runs / "release-2.0.0"), "--loso", "base", str(runs / "loso-base"),
+                 "--loso", "bundle", str(runs / "loso-bundle"), "--card", str(card),
+                 "--out", str(runs / "results.md"), "--write-card"]  # fmt: skip
+
+    assert main(arguments) == 0
+
+    written = json.loads(card.read_text())
+    assert written["sha256"] == "x", "the rest of the card stays"
+    evidence = written["recipe_evidence"]
+    paired = evidence["leave_one_source_out"]["paired_vs_base"]["bundle"]["jaccard"]
+    assert paired["mean"] == pytest.approx(0.1) and paired["better"] == 2
+    assert evidence["leave_one_source_out"]["recipes"]["bundle"]["image_size"] == 128
+    assert evidence["against_previous_release_on_validation"]["jaccard"]["mean"] == pytest.approx(0.1)
+    (at_04,) = evidence["threshold_on_validation"].items()
+    assert at_04[0] == "0.4" and at_04[1]["jaccard"] == pytest.approx(0.8125)

@@ -10,6 +10,7 @@ whose run directories need not be on this machine, keep their figures.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,41 @@ def release_section(release: Path, loso: dict[str, Path], card_path: Path) -> li
     return lines
 
 
+def card_evidence(release: Path, loso: dict[str, Path]) -> dict[str, Any]:
+    """The evidence behind the recipe and the threshold, for the model card (``recipe_evidence``)."""
+    evaluations = {name: load_json(run / "eval_held_out.json") for name, run in loso.items()}
+    evaluations = {name: evaluation for name, evaluation in evaluations.items() if evaluation}
+    evidence: dict[str, Any] = {"generated_by": "python -m training.release_report --write-card"}
+    if len(evaluations) >= 2:
+        names = list(evaluations)
+        base = evaluations[names[0]]
+        evidence["leave_one_source_out"] = {
+            "held_out": base.get("data"),
+            "recipes": {name: TrainConfig.load(loso[name] / "config.json").to_json() for name in names},
+            "base": names[0],
+            "summaries": {name: summarize(evaluation) for name, evaluation in evaluations.items()},
+            "paired_vs_base": {
+                name: {
+                    key: compare(base, evaluations[name])[key] for key in ("jaccard", "thresholded_jaccard")
+                }
+                for name in names[1:]
+            },
+        }
+    thresholds = {}
+    for path in sorted(release.glob("eval_val_t*.json")):
+        evaluation = load_json(path) or {}
+        thresholds[str(evaluation.get("threshold"))] = summarize(evaluation)
+    if thresholds:
+        evidence["threshold_on_validation"] = thresholds
+    old, new = load_json(release / "v1_val_plain.json"), load_json(release / "eval_val_plain.json")
+    if old and new:
+        result = compare(old, new)
+        evidence["against_previous_release_on_validation"] = {
+            key: result[key] for key in ("paired", "base", "other", "jaccard", "thresholded_jaccard")
+        }
+    return evidence
+
+
 def update_page(page: str, section: Sequence[str]) -> str:
     """``page`` with the section between its markers replaced, or inserted before :data:`BEFORE`."""
     text = "\n".join(section)
@@ -339,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--card", type=Path, default=Path("models/dermaseg.json"))
     parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    parser.add_argument(
+        "--write-card", action="store_true", help="also put the evidence into the card (recipe_evidence)"
+    )
     args = parser.parse_args(argv)
     if not (args.release / "config.json").is_file():
         parser.error(f"{args.release} is not a training run (no config.json)")
@@ -346,6 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     page = args.out.read_text() if args.out.is_file() else ""
     args.out.write_text(update_page(page, release_section(args.release, loso, args.card)))
     print(f"wrote the release 2.0.0 section of {args.out}")
+    if args.write_card:
+        card = json.loads(args.card.read_text())
+        card["recipe_evidence"] = card_evidence(args.release, loso)
+        args.card.write_text(json.dumps(card, indent=2) + "\n")
+        print(f"wrote the recipe evidence into {args.card}")
     return 0
 
 
