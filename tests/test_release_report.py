@@ -83,6 +83,7 @@ def test_the_section_is_computed_from_the_runs_and_replaces_only_itself(runs: Pa
     )
     assert "| 2 → 0 |" in section.split("| all sources |")[1].splitlines()[0]
     assert "| `bundle` | 0.750 |" in section and "| `base` | 0.650 |" in section
+    assert "That held for `bundle`." in section
     assert "| threshold 0.4 | 0.812 |" in section
     assert "| ham10000 | 1 | 1 | HAM10000 images and Tschandl et al.'s lesion masks: CC BY-NC 4.0" in section
     assert "trained on ph2 + ham10000 only" in section and "128², 12 epochs × 60 steps of 16" in section

@@ -127,23 +127,39 @@ def loso_section(runs: dict[str, Path]) -> list[str]:
         f"paired photo by photo against `{names[0]}` (mean, 95 % interval; photos worse / better); a failure",
         "is a photo with Jaccard below 0.65, the thresholded Jaccard counts those as 0.",
         "",
-        "| recipe | Jaccard | thr. Jaccard | failures | Δ Jaccard | Δ thr. Jaccard | worse / better |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| recipe | Jaccard | thr. Jaccard | failures | sensitivity | specificity | Δ Jaccard "
+        "| Δ thr. Jaccard | worse / better |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     first = summarize(base)
     lines.append(
         f"| `{names[0]}` | {_fmt(first['jaccard'])} | {_fmt(first['thresholded_jaccard'])} | "
-        f"{first['failures']} of {first['n']} | – | – | – |"
+        f"{first['failures']} of {first['n']} | {_fmt(base['mean']['sensitivity'])} | "
+        f"{_fmt(base['mean']['specificity'])} | – | – | – |"
     )
+    winners = []
     for name in names[1:]:
         result = compare(base, evaluations[name])
         other = result["other"]
         lines.append(
             f"| `{name}` | {_fmt(other['jaccard'])} | {_fmt(other['thresholded_jaccard'])} | "
-            f"{other['failures']} of {other['n']} | {_interval(result['jaccard'])} | "
+            f"{other['failures']} of {other['n']} | {_fmt(evaluations[name]['mean']['sensitivity'])} | "
+            f"{_fmt(evaluations[name]['mean']['specificity'])} | {_interval(result['jaccard'])} | "
             f"{_interval(result['thresholded_jaccard'])} | "
             f"{result['jaccard']['worse']} / {result['jaccard']['better']} |"
         )
+        if result["jaccard"]["ci95"][0] > 0:
+            winners.append(name)
+    lines += [
+        "",
+        "An option is kept for the release only when its recipe beats "
+        f"`{names[0]}` here with the whole 95 % interval above 0. "
+        + (
+            f"That held for {', '.join(f'`{name}`' for name in winners)}."
+            if winners
+            else f"None did, so the release keeps `{names[0]}`'s loss and augmentation (the paper's)."
+        ),
+    ]
     return [*lines, ""]
 
 
