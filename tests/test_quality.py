@@ -204,7 +204,9 @@ def test_shipped_estimator_scores_easy_high_and_hard_low(shipped: QualityEstimat
 def test_shipped_estimator_was_calibrated_on_the_shipped_model(shipped: QualityEstimator) -> None:
     """A new release model needs a new calibration (`dermaseg calibrate-quality`, see docs/quality.md)."""
     QualityEstimator.load(SHIPPED_ESTIMATOR, model_sha256=sha256_file(SHIPPED_MODEL))
-    assert shipped.calibration["test"]["n_images"] > 1000
+    test = shipped.calibration["test"]
+    # Only photos the model never trained on count; for 2.0.0 that is its 1,222 validation photos.
+    assert test["n_images"] >= 500 and test["failures"] >= 30, "too few unseen photos to judge the estimator"
 
 
 # --- calibration -------------------------------------------------------------------------------------------
