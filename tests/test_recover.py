@@ -9,10 +9,11 @@ import keras
 import numpy as np
 import pytest
 
+from service.imaging import decode_image
 from service.inference import OnnxModel
 from tests.conftest import make_dataset
 from training.cli import main
-from training.recover import RecoverError, load_photos, recover_checkpoint
+from training.recover import RecoverError, recover_checkpoint
 
 pytestmark = pytest.mark.slow  # builds the release network and runs it on a few photos (about a minute)
 
@@ -35,8 +36,9 @@ def test_the_recovered_network_computes_what_the_onnx_file_computes(
 
     assert report["max_difference"] < 0.02 and report["version"] == json.loads(CARD.read_text())["version"]
     recovered = keras.models.load_model(out, compile=False)
-    unseen = load_photos(photos[6:], (192, 192))  # not the photos the statistics were measured on
-    expected = OnnxModel(MODEL).pipeline().infer(unseen)
+    pipeline = OnnxModel(MODEL).pipeline()
+    unseen = pipeline.preprocess([decode_image(path) for path in photos[6:]])  # not measured on
+    expected = pipeline.infer(unseen)
     found = keras.ops.convert_to_numpy(recovered.predict(unseen, verbose=0))[..., 0]
     np.testing.assert_allclose(found, expected, atol=0.02)
     norms = [layer for layer in recovered.layers if isinstance(layer, keras.layers.BatchNormalization)]

@@ -43,6 +43,7 @@ from service.quality import (
 )
 from training.data import DataError, Sample, load_samples
 from training.metrics import ISIC_JACCARD_CUTOFF, confusion_counts, metrics_from_counts
+from training.split import trained_on
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +120,8 @@ def unseen_photos(samples: Sequence[Sample], card: dict[str, Any] | None) -> lis
     if card is None:
         logger.warning("no model card given: cannot check that the photos were not trained on")
         return list(samples)
-    data = card.get("training", {}).get("data", {})
-    trained = set(data.get("datasets", []))
-    validation = set(data.get("val_ids", []))
-    kept = [s for s in samples if s.dataset not in trained or f"{s.dataset}/{s.id}" in validation]
+    trained = trained_on(card)
+    kept = [s for s in samples if not trained(s)]
     if len(kept) < len(samples):
         logger.info("left out %d photos the model trained on", len(samples) - len(kept))
     return kept

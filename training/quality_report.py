@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from training.report import fmt as _num
+
 CALIBRATE = """\
     make calibrate-quality
     # = python -m training.cli calibrate-quality --model models/dermaseg.onnx --card models/dermaseg.json \\
@@ -25,10 +27,6 @@ CALIBRATE = """\
 
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f} %"
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def _row(name: str, part: dict[str, Any]) -> str:

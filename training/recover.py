@@ -38,7 +38,6 @@ from onnx import numpy_helper
 
 from service.imaging import decode_image
 from service.inference import OnnxModel
-from service.pipeline import preprocess
 from training.model import build_model
 
 logger = logging.getLogger(__name__)
@@ -81,6 +80,10 @@ def read_onnx_weights(path: Path) -> tuple[dict[str, list[np.ndarray]], dict[str
         if node.op_type == "Cast" and node.input[0] in constants:
             constants[node.output[0]] = constants[node.input[0]]
     producers = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
 
     convolutions: dict[str, list[np.ndarray]] = {}
     batch_norms: dict[str, _Affine] = {}
@@ -102,7 +105,7 @@ def read_onnx_weights(path: Path) -> tuple[dict[str, list[np.ndarray]], dict[str
                 convolutions[layer] = [kernel] if bias is None else [kernel, bias]
         elif node.op_type == "Mul" and node.name.endswith("/batchnorm/mul_1"):
             layer = _layer_of(node.name + "/")
-            (add,) = [other for other in graph.node if node.output[0] in other.input]
+            (add,) = consumers.get(node.output[0], [])
             if layer is None or node.input[1] not in constants or add.op_type != "Add":
                 raise RecoverError(f"unexpected batch-normalization form at {node.name}")
             batch_norms[layer] = _Affine(
@@ -155,15 +158,15 @@ def _calibrate_statistics(model: keras.Model, batch: np.ndarray) -> None:
     """Gives every batch normalization running statistics measured on ``batch``, keeping its function."""
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     probe = keras.Model(model.input, [layer.input for layer in norms])
-    sums = [np.zeros(0)] * len(norms)
-    squares = [np.zeros(0)] * len(norms)
+    sums: list[Any] = [0.0] * len(norms)
+    squares: list[Any] = [0.0] * len(norms)
     counts = [0] * len(norms)
     for start in range(0, len(batch), 8):
         for index, tensor in enumerate(probe(batch[start : start + 8], training=False)):
             values = keras.ops.convert_to_numpy(tensor).astype(np.float64)
             values = values.reshape(-1, values.shape[-1])
-            sums[index] = values.sum(axis=0) + (sums[index] if counts[index] else 0.0)
-            squares[index] = (values**2).sum(axis=0) + (squares[index] if counts[index] else 0.0)
+            sums[index] = sums[index] + values.sum(axis=0)
+            squares[index] = squares[index] + (values**2).sum(axis=0)
             counts[index] += values.shape[0]
     for layer, total, square, count in zip(norms, sums, squares, counts, strict=True):
         mean = total / count
@@ -172,11 +175,6 @@ def _calibrate_statistics(model: keras.Model, batch: np.ndarray) -> None:
         gamma = scale * np.sqrt(variance + layer.epsilon)
         beta = shift + scale * mean
         layer.set_weights([np.float32(gamma), np.float32(beta), np.float32(mean), np.float32(variance)])
-
-
-def load_photos(paths: Sequence[Path], input_size: tuple[int, int]) -> np.ndarray:
-    """The network's float32 input batch for photo files, as the service prepares them."""
-    return np.stack([preprocess(decode_image(path), input_size) for path in paths])
 
 
 def recover_checkpoint(
@@ -221,10 +219,11 @@ def recover_checkpoint(
     )
     convolutions, batch_norms = read_onnx_weights(onnx_path)
     _assign(model, convolutions, batch_norms)
-    batch = load_photos(photos, input_size)
+    pipeline = onnx_model.pipeline()
+    batch = pipeline.preprocess([decode_image(path) for path in photos])
     _calibrate_statistics(model, batch)
 
-    expected = onnx_model.pipeline().infer(batch)
+    expected = pipeline.infer(batch)
     found = keras.ops.convert_to_numpy(model.predict(batch, batch_size=8, verbose=0))[..., 0]
     difference = np.abs(expected - found)
     report = {

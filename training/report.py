@@ -53,8 +53,9 @@ def load_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A figure for a results table: ``digits`` decimals, or a dash where there is none."""
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def _bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
@@ -195,14 +196,14 @@ def write_report(
             mean = result["mean"]
             lines.append(
                 f"| {row['label']} | {name} | {result['n_images']} | "
-                + " | ".join(_fmt(mean[m]) for m in METRICS)
-                + f" | {_fmt(result['thresholded_jaccard'])} |"
+                + " | ".join(fmt(mean[m]) for m in METRICS)
+                + f" | {fmt(result['thresholded_jaccard'])} |"
             )
         paper = PAPER.get(row["key"])
         if paper:
             lines.append(
                 f"| {row['label']} | paper (ISIC 2016 test) | 379 | "
-                + " | ".join(_fmt(paper.get(m)) for m in METRICS)
+                + " | ".join(fmt(paper.get(m)) for m in METRICS)
                 + " | – |"
             )
     lines.append("")
@@ -332,7 +333,7 @@ def release_section(release: Path, card_path: Path, figures: Path) -> list[str]:
             counts = "–" if key == "plain" else f"{worse} / {better}"
             lines.append(
                 f"| {label} | {result['n_images']} | "
-                + " | ".join(_fmt(mean[m]) for m in METRICS[:4])
+                + " | ".join(fmt(mean[m]) for m in METRICS[:4])
                 + f" | {change} | {counts} |"
             )
         lines += [
@@ -356,7 +357,7 @@ def release_section(release: Path, card_path: Path, figures: Path) -> list[str]:
             lines.append(
                 f"| {precision}{' (shipped)' if variant.get('file') == card.get('file') else ''} | "
                 f"{variant['size_bytes'] / 2**20:.1f} | {variant['latency_ms_batch1']:.1f} | "
-                f"{_fmt(variant.get('dice_vs_float32'))} | {_fmt(variant.get('dice_vs_truth'))} | "
+                f"{fmt(variant.get('dice_vs_float32'))} | {fmt(variant.get('dice_vs_truth'))} | "
                 f"{variant.get('n_images', '–')} |"
             )
         lines += [

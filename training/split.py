@@ -7,7 +7,7 @@ import logging
 import math
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,14 @@ def split_samples(
     return sorted(train, key=sample_sort_key), sorted(val, key=sample_sort_key)
 
 
+def trained_on(card: dict[str, Any]) -> Callable[[Sample], bool]:
+    """Whether a model card's run trained on a sample: one of its datasets' photos, not a validation one."""
+    data = card.get("training", {}).get("data", {})
+    seen = set(data.get("datasets", []))
+    validation = set(data.get("val_ids", []))
+    return lambda sample: sample.dataset in seen and f"{sample.dataset}/{sample.id}" not in validation
+
+
 def split_like_card(
     samples: Sequence[Sample], card: dict[str, Any], val_fraction: float, seed: int
 ) -> tuple[list[Sample], list[Sample]]:
@@ -95,13 +103,13 @@ def split_like_card(
     """
     data = card.get("training", {}).get("data", {})
     seen = set(data.get("datasets", []))
-    validation = set(data.get("val_ids", []))
-    if seen and not validation:
+    if seen and not data.get("val_ids"):
         raise DataError(
             "the model card lists no validation photos (training.data.val_ids): cannot split like it"
         )
-    kept_train = [s for s in samples if s.dataset in seen and f"{s.dataset}/{s.id}" not in validation]
-    kept_val = [s for s in samples if s.dataset in seen and f"{s.dataset}/{s.id}" in validation]
+    trained = trained_on(card)
+    kept_train = [s for s in samples if trained(s)]
+    kept_val = [s for s in samples if s.dataset in seen and not trained(s)]
     rest = [s for s in samples if s.dataset not in seen]
     train, val = split_samples(rest, val_fraction, seed) if rest else ([], [])
     return sorted(train + kept_train, key=sample_sort_key), sorted(val + kept_val, key=sample_sort_key)
