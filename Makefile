@@ -86,7 +86,7 @@ V1_DIR ?= runs/v1.0.0
 RELEASE_RUN ?= runs/release-2.0.0
 RELEASE_DATA = --data $(DATA)/ph2 --data $(DATA)/isic2017_train --data $(DATA)/ham10000
 RELEASE_OPTS ?= --encoder-weights none --decoder-filters 256 128 64 32 16 --image-size 192 \
-  --precision mixed_bfloat16 --loss focal+jaccard --photometric --rotation-degrees 180 \
+  --precision mixed_bfloat16 --loss focal \
   --learning-rate 1e-4 --schedule cosine --epochs 6 --steps-per-epoch 150 --val-fraction 0.1 --seed 42
 release-previous: $(BIN)/.dev-deps ## release 1.0.0 from git into runs/v1.0.0: its ONNX file, card and recovered checkpoint
 	mkdir -p $(V1_DIR)

@@ -343,10 +343,8 @@ def card_evidence(release: Path, loso: dict[str, Path]) -> dict[str, Any]:
             "base": names[0],
             "summaries": {name: summarize(evaluation) for name, evaluation in evaluations.items()},
             "paired_vs_base": {
-                name: {
-                    key: compare(base, evaluations[name])[key] for key in ("jaccard", "thresholded_jaccard")
-                }
-                for name in names[1:]
+                name: {key: result[key] for key in ("jaccard", "thresholded_jaccard")}
+                for name, result in ((name, compare(base, evaluations[name])) for name in names[1:])
             },
         }
     thresholds = {}
