@@ -7,7 +7,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-fast lint openapi bench load reproduce release-previous release-train release-export release-eval release-report calibrate-quality report loso loso-compare smoke clean
+.PHONY: help serve test test-fast lint openapi bench load reproduce release-previous release-train release-export release-eval release-ship release-report calibrate-quality report loso loso-compare smoke clean
 
 help: ## list the tasks
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -77,45 +77,67 @@ reproduce: $(BIN)/.dev-deps ## train and evaluate the paper's three models into 
 	    --out runs/repro-$$run/eval_external.json || exit 1; \
 	done
 
-# Release 2.0.0 (issue 12): release 1.0.0's weights, read back out of its ONNX file in git (`dermaseg recover`),
-# fine-tuned on all three sources with the recipe the leave-one-source-out check chose (docs/results.md).
-# 1.0.0's validation photos stay in validation (--split-like its card); HAMs are split grouped by lesion.
-# Rerunning resumes an interrupted run. About 75 minutes on the 2-CPU box.
-V1_COMMIT ?= adc9ade
-V1_DIR ?= runs/v1.0.0
-RELEASE_RUN ?= runs/release-2.0.0
+# Releases (issue 12). Each release fine-tunes the one before it: the previous release's ONNX file and card
+# come out of git and `dermaseg recover` reads its weights back into a trainable checkpoint (no checkpoint is
+# kept). The previous release's validation photos stay in validation (--split-like its card), so the two are
+# compared on photos neither trained on. `make release-train RELEASE=2.0.0` reproduces 2.0.0; the default is
+# the newest. Rerunning release-train resumes an interrupted run. The candidate is exported into its run
+# directory and evaluated there; `make release-ship` copies it to models/ (then run calibrate-quality).
+RELEASE ?= 2.1.0
 RELEASE_DATA = --data $(DATA)/ph2 --data $(DATA)/isic2017_train --data $(DATA)/ham10000
-RELEASE_OPTS ?= --encoder-weights none --decoder-filters 256 128 64 32 16 --image-size 192 \
-  --precision mixed_bfloat16 --loss focal \
-  --learning-rate 1e-4 --schedule cosine --epochs 6 --steps-per-epoch 150 --val-fraction 0.1 --seed 42
-release-previous: $(BIN)/.dev-deps ## release 1.0.0 from git into runs/v1.0.0: its ONNX file, card and recovered checkpoint
-	mkdir -p $(V1_DIR)
-	git show $(V1_COMMIT):models/dermaseg.onnx > $(V1_DIR)/dermaseg.onnx
-	git show $(V1_COMMIT):models/dermaseg.json > $(V1_DIR)/dermaseg.json
-	test -f $(V1_DIR)/recover.json || $(BIN)/dermaseg recover --model $(V1_DIR)/dermaseg.onnx \
-	  --card $(V1_DIR)/dermaseg.json --data $(DATA)/ph2 --data $(DATA)/isic2017_train \
-	  --out $(V1_DIR)/recovered.keras > $(V1_DIR)/recover.json
+RELEASE_BASE_OPTS = --encoder-weights none --decoder-filters 256 128 64 32 16 --image-size 192 \
+  --precision mixed_bfloat16 --loss focal --schedule cosine --epochs 6 --steps-per-epoch 150 --val-fraction 0.1
+# 2.0.0: 1.0.0 fine-tuned on all three sources, each photo once per pass (about 75 minutes on the 2-CPU box).
+PREVIOUS.2.0.0 = 1.0.0
+PREVIOUS_COMMIT.2.0.0 = adc9ade
+PREVIOUS_DATA.2.0.0 = --data $(DATA)/ph2 --data $(DATA)/isic2017_train
+RELEASE_OPTS.2.0.0 = $(RELEASE_BASE_OPTS) --learning-rate 1e-4 --seed 42
+RELEASE_REPORT_OPTS.2.0.0 = --loso base runs/loso-base --loso bundle runs/loso-bundle --loso jaccard runs/loso-jaccard \
+  --write-card
+# 2.1.0: 2.0.0 fine-tuned with ISIC 2017 taking 60 % of every epoch, half the learning rate, and an
+# exponential moving average of the weights; short (3 × 50 steps) and in float32, because the CPU it was
+# trained on has no bfloat16 instructions (emulated mixed_bfloat16 ran 6 times slower there): about 35 minutes.
+PREVIOUS.2.1.0 = 2.0.0
+PREVIOUS_COMMIT.2.1.0 = 0012efe
+PREVIOUS_DATA.2.1.0 = $(RELEASE_DATA)
+RELEASE_OPTS.2.1.0 = $(RELEASE_BASE_OPTS) --precision float32 --epochs 3 --steps-per-epoch 50 \
+  --learning-rate 5e-5 --ema --source-weights isic2017_train=0.6,ham10000=0.3,ph2=0.1 --seed 43
+# Set before its run: 2.1.0 is shipped only if it beats 2.0.0 on ISIC 2017 (95 % interval above 0) and loses
+# at most 0.005 Jaccard pooled, on 2.0.0's validation photos.
+RELEASE_REPORT_OPTS.2.1.0 = --rule isic2017_train:0.005 --write-card
+PREVIOUS = $(PREVIOUS.$(RELEASE))
+PREVIOUS_DIR = runs/v$(PREVIOUS)
+RELEASE_RUN = runs/release-$(RELEASE)
+RELEASE_MODEL = $(RELEASE_RUN)/model
+RELEASE_THRESHOLD ?= 0.5
+release-previous: $(BIN)/.dev-deps ## the release before RELEASE from git into runs/vPREVIOUS: ONNX file, card, recovered checkpoint
+	@test -n "$(PREVIOUS)" || { echo "no release $(RELEASE) is defined in the Makefile"; exit 2; }
+	mkdir -p $(PREVIOUS_DIR)
+	git show $(PREVIOUS_COMMIT.$(RELEASE)):models/dermaseg.onnx > $(PREVIOUS_DIR)/dermaseg.onnx
+	git show $(PREVIOUS_COMMIT.$(RELEASE)):models/dermaseg.json > $(PREVIOUS_DIR)/dermaseg.json
+	test -f $(PREVIOUS_DIR)/recover.json || $(BIN)/dermaseg recover --model $(PREVIOUS_DIR)/dermaseg.onnx \
+	  --card $(PREVIOUS_DIR)/dermaseg.json $(PREVIOUS_DATA.$(RELEASE)) \
+	  --out $(PREVIOUS_DIR)/recovered.keras > $(PREVIOUS_DIR)/recover.json
 
-release-train: release-previous ## train the release model into runs/release-2.0.0 (resumes), warm-started from 1.0.0
+release-train: release-previous ## train release RELEASE into runs/release-RELEASE (resumes), warm-started from the previous one
 	if [ -f $(RELEASE_RUN)/config.json ]; then \
 	  $(BIN)/dermaseg train --resume $(RELEASE_RUN); \
 	else \
-	  $(BIN)/dermaseg train $(RELEASE_DATA) --out $(RELEASE_RUN) --init-from $(V1_DIR)/recovered.keras \
-	    --split-like $(V1_DIR)/dermaseg.json $(RELEASE_OPTS); \
+	  $(BIN)/dermaseg train $(RELEASE_DATA) --out $(RELEASE_RUN) --init-from $(PREVIOUS_DIR)/recovered.keras \
+	    --split-like $(PREVIOUS_DIR)/dermaseg.json $(RELEASE_OPTS.$(RELEASE)); \
 	fi
 
-RELEASE_VERSION ?= 2.0.0
-RELEASE_THRESHOLD ?= 0.5
-release-export: $(BIN)/.dev-deps ## export runs/release-2.0.0/best.keras to models/dermaseg.onnx (float16) and its card
-	$(BIN)/dermaseg export --checkpoint $(RELEASE_RUN)/best.keras --out models/dermaseg.onnx --name dermaseg \
-	  --version $(RELEASE_VERSION) --threshold $(RELEASE_THRESHOLD) --variants float16 int8 --ship float16 \
+release-export: $(BIN)/.dev-deps ## export runs/release-RELEASE/best.keras to its model/ folder (float16 shipped) with its card
+	$(BIN)/dermaseg export --checkpoint $(RELEASE_RUN)/best.keras --out $(RELEASE_MODEL)/dermaseg.onnx --name dermaseg \
+	  --version $(RELEASE) --threshold $(RELEASE_THRESHOLD) --variants float16 int8 --ship float16 \
 	  --calibration-data $(DATA)/ph2 --calibration-data $(DATA)/isic2017_train --calibration-data $(DATA)/ham10000
 
-# The shipped model on its validation split (every source; each post-processing; thresholds 0.3–0.6), release
-# 1.0.0 on the same photos (none of which it trained on), and the sample photos at their original size.
-RELEASE_EVAL = $(BIN)/dermaseg evaluate --model models/dermaseg.onnx --card models/dermaseg.json $(RELEASE_DATA) \
-  --split $(RELEASE_RUN)/split.json
-release-eval: $(BIN)/.dev-deps ## score the shipped model and 1.0.0 on the release run's validation split, and samples/
+# The candidate on its validation split (every source; each post-processing; thresholds 0.3–0.6), the
+# previous release on the same photos (none of which either trained on), and the sample photos at their
+# original size.
+RELEASE_EVAL = $(BIN)/dermaseg evaluate --model $(RELEASE_MODEL)/dermaseg.onnx --card $(RELEASE_MODEL)/dermaseg.json \
+  $(RELEASE_DATA) --split $(RELEASE_RUN)/split.json
+release-eval: $(BIN)/.dev-deps ## score release RELEASE and the previous one on its validation split, and samples/
 	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_plain.json
 	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_tta.json --flip-tta
 	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_lc.json --largest-component
@@ -124,10 +146,13 @@ release-eval: $(BIN)/.dev-deps ## score the shipped model and 1.0.0 on the relea
 	for t in 0.3 0.4 0.5 0.6; do \
 	  $(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_t$$t.json --threshold $$t --label threshold_$$t || exit 1; \
 	done
-	$(BIN)/dermaseg evaluate --model $(V1_DIR)/dermaseg.onnx $(RELEASE_DATA) --split $(RELEASE_RUN)/split.json \
-	  --out $(RELEASE_RUN)/v1_val_plain.json
-	$(BIN)/dermaseg evaluate --model models/dermaseg.onnx --card models/dermaseg.json --data $(DATA)/samples \
-	  --out $(RELEASE_RUN)/eval_samples.json --overlays $(RELEASE_RUN)/overlays_samples
+	$(BIN)/dermaseg evaluate --model $(PREVIOUS_DIR)/dermaseg.onnx --card $(PREVIOUS_DIR)/dermaseg.json $(RELEASE_DATA) \
+	  --split $(RELEASE_RUN)/split.json --out $(RELEASE_RUN)/previous_val_plain.json
+	$(BIN)/dermaseg evaluate --model $(RELEASE_MODEL)/dermaseg.onnx --card $(RELEASE_MODEL)/dermaseg.json \
+	  --data $(DATA)/samples --out $(RELEASE_RUN)/eval_samples.json --overlays $(RELEASE_RUN)/overlays_samples
+
+release-ship: ## copy release RELEASE's ONNX file and card into models/ (then: make calibrate-quality release-report)
+	cp $(RELEASE_MODEL)/dermaseg.onnx $(RELEASE_MODEL)/dermaseg.json models/
 
 calibrate-quality: $(BIN)/.dev-deps ## fit models/dermaseg.quality.json on unseen photos; docs/quality-calibration.json and docs/quality.md
 	nice -n 10 $(BIN)/python -m training.cli calibrate-quality --model models/dermaseg.onnx --card models/dermaseg.json \
@@ -140,8 +165,8 @@ report: $(BIN)/.dev-deps ## write docs/results.md from the run directories in ru
 	$(BIN)/python -m training.report
 	$(BIN)/python -m training.release_report
 
-release-report: $(BIN)/.dev-deps ## rewrite the release 2.0.0 section of docs/results.md and the card's recipe evidence
-	$(BIN)/python -m training.release_report --write-card
+release-report: $(BIN)/.dev-deps ## rewrite release RELEASE's section of docs/results.md (and, once shipped, the card's evidence)
+	$(BIN)/python -m training.release_report --release $(RELEASE_RUN) $(RELEASE_REPORT_OPTS.$(RELEASE))
 
 # Leave-one-source-out ranking of recipe options (issue 12): train on PH2 + HAM10000 without the ISIC 2017
 # training images, small and short, then score on those. `make loso NAME=base`, then e.g.

@@ -1,4 +1,4 @@
-"""`python -m training.release_report`: the release 2.0.0 section, computed from the run's files, in place."""
+"""`python -m training.release_report`: a release's section, computed from the run's files, in place."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from training.config import TrainConfig
-from training.release_report import BEGIN, END, main, update_page
+from training.release_report import main, markers, update_page
+
+BEGIN, END = markers("2.0.0")
 
 SOURCES = {
     "ISIC_0000001": "isic2017_train",
@@ -32,17 +34,26 @@ def _evaluation(jaccards: dict[str, float]) -> dict:
 
 @pytest.fixture
 def runs(tmp_path: Path) -> Path:
+    previous = tmp_path / "v1.0.0"
+    previous.mkdir()
+    (previous / "recovered.keras").write_bytes(b"")
+    (previous / "dermaseg.json").write_text(
+        json.dumps({"version": "1.0.0", "training": {"config": TrainConfig(image_size=224).to_json()}})
+    )
     release = tmp_path / "release-2.0.0"
     release.mkdir()
-    TrainConfig(data=["a/ph2", "a/isic2017_train", "a/ham10000"], loss="focal+jaccard", image_size=192).save(
-        release / "config.json"
-    )
+    TrainConfig(
+        data=["a/ph2", "a/isic2017_train", "a/ham10000"],
+        loss="focal+jaccard",
+        image_size=192,
+        init_from=str(previous / "recovered.keras"),
+    ).save(release / "config.json")
     split = {"train": [{"id": "ISIC_0030001", "dataset": "ham10000"}], "val": []}
     split["val"] = [{"id": key, "dataset": source} for key, source in SOURCES.items()]
     (release / "split.json").write_text(json.dumps(split))
     old = {"ISIC_0000001": 0.5, "ISIC_0000002": 0.9, "IMD002": 0.8, "ISIC_0030000": 0.6}
     new = {"ISIC_0000001": 0.7, "ISIC_0000002": 0.9, "IMD002": 0.8, "ISIC_0030000": 0.8}
-    (release / "v1_val_plain.json").write_text(json.dumps(_evaluation(old)))
+    (release / "previous_val_plain.json").write_text(json.dumps(_evaluation(old)))
     (release / "eval_val_plain.json").write_text(json.dumps(_evaluation(new)))
     (release / "eval_val_t0.4.json").write_text(
         json.dumps(_evaluation({**new, "ISIC_0000001": 0.75}) | {"threshold": 0.4})
@@ -114,3 +125,64 @@ def test_the_card_gets_the_evidence_behind_the_recipe_and_the_threshold(runs: Pa
     assert evidence["against_previous_release_on_validation"]["jaccard"]["mean"] == pytest.approx(0.1)
     (at_04,) = evidence["threshold_on_validation"].items()
     assert at_04[0] == "0.4" and at_04[1]["jaccard"] == pytest.approx(0.8125)
+
+
+def _run_report(runs: Path, *extra: str) -> str:
+    page = runs / "results.md"
+    arguments = ["--release", str(runs / "release-2.0.0"), "--card", str(runs / "candidate.json"),
+                 "--shipped-card", str(runs / "shipped.json"), "--out", str(page), *extra]  # fmt: skip
+    assert main(arguments) == 0
+    return _section(page.read_text())
+
+
+def test_the_recipe_table_sets_the_release_beside_the_one_it_started_from(runs: Path) -> None:
+    section = _run_report(runs)
+    assert "| release 1.0.0 | release 2.0.0 |" in section
+    assert "| input | 224² | 224² | 192² |" in section, "paper default, 1.0.0's own recipe, the candidate"
+    assert "### Against release 1.0.0, on the same validation photos" in section
+
+
+def test_a_candidate_is_called_shipped_only_when_models_holds_the_same_file(runs: Path) -> None:
+    (runs / "candidate.json").write_text(json.dumps({"version": "2.0.0", "sha256": "new"}))
+    (runs / "shipped.json").write_text(json.dumps({"version": "1.0.0", "sha256": "old"}))
+    section = _run_report(runs, "--write-card")
+    assert "It was not shipped" in section
+    assert "recipe_evidence" in json.loads((runs / "candidate.json").read_text())
+    assert "recipe_evidence" not in json.loads((runs / "shipped.json").read_text()), "another model's card"
+
+    (runs / "shipped.json").write_text((runs / "candidate.json").read_text())
+    section = _run_report(runs, "--write-card")
+    assert "It is the shipped model" in section
+    shipped = json.loads((runs / "shipped.json").read_text())
+    assert shipped["recipe_evidence"]["against_previous_release_on_validation"]["previous"] == "1.0.0"
+    per_source = shipped["recipe_evidence"]["against_previous_release_on_validation"]["per_source"]
+    assert per_source["ham10000"]["jaccard"]["mean"] == pytest.approx(0.2)
+
+
+def test_the_shipping_rule_is_judged_on_the_paired_comparison(runs: Path) -> None:
+    # ISIC 2017: 0.5 → 0.7 and 0.9 → 0.9, too few photos for an interval above 0.
+    section = _run_report(runs, "--rule", "isic2017_train:0.005")
+    assert "The rule was not met: 1.0.0 stays the shipped model." in section
+
+    release = runs / "release-2.0.0"
+    steady = {"ISIC_0000001": 0.6, "ISIC_0000002": 1.0, "IMD002": 0.8, "ISIC_0030000": 0.8}
+    (release / "eval_val_plain.json").write_text(json.dumps(_evaluation(steady)))
+    section = _run_report(runs, "--rule", "isic2017_train:0.005")
+    assert "here +0.100 [+0.100, +0.100]" in section and "The rule was met." in section
+
+    worse = {**steady, "ISIC_0030000": 0.1}  # pooled −0.05 with ISIC 2017 still +0.1 throughout
+    (release / "eval_val_plain.json").write_text(json.dumps(_evaluation(worse)))
+    assert "The rule was not met" in _run_report(runs, "--rule", "isic2017_train:0.005")
+
+
+def test_a_second_release_gets_its_own_section_after_the_first(runs: Path) -> None:
+    page = runs / "results.md"
+    page.write_text(
+        "# Results\n\n" + "\n".join([BEGIN, "2.0.0 stays.", END]) + "\n\n## The paper's inconsistencies\n"
+    )
+    arguments = ["--release", str(runs / "release-2.0.0"), "--version", "2.1.0", "--out", str(page)]
+    assert main(arguments) == 0
+    text = page.read_text()
+    begin, end = markers("2.1.0")
+    assert text.index("2.0.0 stays.") < text.index(begin) < text.index(end) < text.index("## The paper's")
+    assert "## Release 2.1.0" in text

@@ -186,10 +186,14 @@ class TrainConfig:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> TrainConfig:
-        raw = json.loads(Path(path).read_text())
+    def from_json(cls, raw: dict[str, Any]) -> TrainConfig:
+        """The configuration :meth:`to_json` wrote (keys this version does not know are ignored)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        return cls.from_json(json.loads(Path(path).read_text()))
 
 
 def parse_source_weights(text: str) -> dict[str, float] | None:
