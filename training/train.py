@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 from training.callbacks import (
     CurvePlotter,
@@ -30,6 +31,7 @@ from training.data import DataError, load_samples
 from training.dataset import EpochSync, SegmentationDataset
 from training.losses import get_loss
 from training.model import build_model
+from training.precision import warn_if_emulated
 from training.split import limit_samples, load_split, save_split, split_like_card, split_samples
 
 logger = logging.getLogger(__name__)
@@ -166,6 +168,7 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
     cfg, run_dir = _prepare_run(cfg, resume, epochs)
     keras.utils.set_random_seed(cfg.seed)
     keras.mixed_precision.set_global_policy(cfg.precision)
+    warn_if_emulated(cfg.precision, gpus=len(tf.config.list_physical_devices("GPU")))
 
     split_path = run_dir / "split.json"
     if split_path.is_file():
