@@ -104,6 +104,7 @@ RELEASE_OPTS.2.1.0 = $(RELEASE_BASE_OPTS) \
   --learning-rate 5e-5 --ema --source-weights isic2017_train=0.6,ham10000=0.3,ph2=0.1 --seed 43
 # Set before its run: 2.1.0 is shipped only if it beats 2.0.0 on ISIC 2017 (95 % interval above 0) and loses
 # at most 0.005 Jaccard pooled, on 2.0.0's validation photos.
+# Outcome (make release-report RELEASE=2.1.0): ISIC 2017 +0.008 [-0.000, +0.017], pooled -0.001: not shipped.
 RELEASE_REPORT_OPTS.2.1.0 = --rule isic2017_train:0.005 --write-card
 PREVIOUS = $(PREVIOUS.$(RELEASE))
 PREVIOUS_DIR = runs/v$(PREVIOUS)
