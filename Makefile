@@ -169,9 +169,10 @@ report: $(BIN)/.dev-deps ## write docs/results.md from the run directories in ru
 release-report: $(BIN)/.dev-deps ## rewrite release RELEASE's section of docs/results.md (and, once shipped, the card's evidence)
 	$(BIN)/python -m training.release_report --release $(RELEASE_RUN) $(RELEASE_REPORT_OPTS.$(RELEASE))
 
-# Leave-one-source-out ranking of recipe options (issue 12): train on PH2 + HAM10000 without the ISIC 2017
-# training images, small and short, then score on those. `make loso NAME=base`, then e.g.
-# `make loso NAME=jaccard RECIPE="--loss focal+jaccard"` and `make loso-compare A=base B=jaccard`.
+# Leave-one-source-out ranking of recipe options (issue 12): train on the other sources without HELD_OUT
+# (default the ISIC 2017 training images), small and short, then score on HELD_OUT. `make loso NAME=base`,
+# then e.g. `make loso NAME=jaccard RECIPE="--loss focal+jaccard"` and `make loso-compare A=base B=jaccard`;
+# `make loso NAME=ham-base HELD_OUT=ham10000` trains on PH2 + ISIC 2017 and scores HAM10000.
 # Rerunning `make loso NAME=...` resumes an interrupted run (--resume) before scoring it. Never add
 # --init-from runs/release/best.keras here: release 1.0.0 was trained on isic2017_train.
 NAME ?= base
@@ -182,16 +183,17 @@ LOSO_STEPS ?= 60
 # Release 1.0.0's network and schedule (its card), small and short; RECIPE's options come after and win.
 LOSO_OPTS ?= --encoder-weights none --decoder-filters 256 128 64 32 16 --precision mixed_bfloat16 \
   --learning-rate 5e-4 --lr-patience 3 --early-stopping-patience 8 --val-fraction 0.1
-LOSO_HELD_OUT ?= $(DATA)/isic2017_train
+HELD_OUT ?= isic2017_train
+LOSO_TRAIN = $(foreach source,$(filter-out $(HELD_OUT),ph2 isic2017_train ham10000),--data $(DATA)/$(source))
 LOSO_RUN = runs/loso-$(NAME)
-loso: $(BIN)/.dev-deps ## leave-one-source-out: train RECIPE="..." on PH2 + HAM10000 into runs/loso-NAME, score on ISIC 2017
+loso: $(BIN)/.dev-deps ## leave-one-source-out: train RECIPE="..." without HELD_OUT (isic2017_train) into runs/loso-NAME, score on it
 	if [ -f $(LOSO_RUN)/config.json ]; then \
 	  $(BIN)/dermaseg train --resume $(LOSO_RUN) --epochs $(LOSO_EPOCHS); \
 	else \
-	  $(BIN)/dermaseg train --data $(DATA)/ph2 --data $(DATA)/ham10000 --out $(LOSO_RUN) \
+	  $(BIN)/dermaseg train $(LOSO_TRAIN) --out $(LOSO_RUN) \
 	    --image-size $(LOSO_SIZE) --epochs $(LOSO_EPOCHS) --steps-per-epoch $(LOSO_STEPS) $(LOSO_OPTS) $(RECIPE); \
 	fi
-	$(BIN)/dermaseg evaluate --model $(LOSO_RUN)/best.keras --data $(LOSO_HELD_OUT) \
+	$(BIN)/dermaseg evaluate --model $(LOSO_RUN)/best.keras --data $(DATA)/$(HELD_OUT) \
 	  --out $(LOSO_RUN)/eval_held_out.json
 
 A ?= base
