@@ -84,7 +84,8 @@ reproduce: $(BIN)/.dev-deps ## train and evaluate the paper's three models into 
 # the newest. Rerunning release-train resumes an interrupted run. The candidate is exported into its run
 # directory and evaluated there; `make release-ship` copies it to models/ (then run calibrate-quality).
 RELEASE ?= 2.1.0
-RELEASE_DATA = --data $(DATA)/ph2 --data $(DATA)/isic2017_train --data $(DATA)/ham10000
+SOURCES = ph2 isic2017_train ham10000
+RELEASE_DATA = $(foreach source,$(SOURCES),--data $(DATA)/$(source))
 RELEASE_BASE_OPTS = --encoder-weights none --decoder-filters 256 128 64 32 16 --image-size 192 \
   --precision mixed_bfloat16 --loss focal --schedule cosine --epochs 6 --steps-per-epoch 150 --val-fraction 0.1
 # 2.0.0: 1.0.0 fine-tuned on all three sources, each photo once per pass (about 75 minutes on the 2-CPU box).
@@ -184,7 +185,7 @@ LOSO_STEPS ?= 60
 LOSO_OPTS ?= --encoder-weights none --decoder-filters 256 128 64 32 16 --precision mixed_bfloat16 \
   --learning-rate 5e-4 --lr-patience 3 --early-stopping-patience 8 --val-fraction 0.1
 HELD_OUT ?= isic2017_train
-LOSO_TRAIN = $(foreach source,$(filter-out $(HELD_OUT),ph2 isic2017_train ham10000),--data $(DATA)/$(source))
+LOSO_TRAIN = $(foreach source,$(filter-out $(HELD_OUT),$(SOURCES)),--data $(DATA)/$(source))
 LOSO_RUN = runs/loso-$(NAME)
 loso: $(BIN)/.dev-deps ## leave-one-source-out: train RECIPE="..." without HELD_OUT (isic2017_train) into runs/loso-NAME, score on it
 	if [ -f $(LOSO_RUN)/config.json ]; then \
