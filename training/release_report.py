@@ -263,8 +263,12 @@ def postprocess_section(release: Path) -> list[str]:
     return [*lines, ""]
 
 
-def training_section(release: Path, cfg: TrainConfig) -> list[str]:
-    """How the run went: per-source counts, the warm start, and the validation Jaccard epoch by epoch."""
+def training_section(release: Path, cfg: TrainConfig, exported: str | None = None) -> list[str]:
+    """How the run went: per-source counts, the warm start, and the validation Jaccard epoch by epoch.
+
+    ``exported`` is the checkpoint the card says was exported (``best.keras``, the epoch of lowest validation
+    loss, or ``last.keras``, the last epoch's).
+    """
     split = load_json(release / "split.json") or {"train": [], "val": []}
     summary = load_json(release / "summary.json") or {}
     counts: dict[str, list[int]] = {}
@@ -293,8 +297,9 @@ def training_section(release: Path, cfg: TrainConfig) -> list[str]:
     history = read_history(release / "history.csv")
     if history:
         lines += [
-            f"{len(history)} epochs of {cfg.steps_per_epoch or 'one pass'} steps; best epoch "
-            f"{summary.get('best_epoch', '?')}. Validation by epoch:",
+            f"{len(history)} epochs of {cfg.steps_per_epoch or 'one pass'} steps; lowest validation loss at "
+            f"epoch {summary.get('best_epoch', '?')}. {_exported_weights(exported, len(history))} "
+            "Validation by epoch:",
             "",
             "| epoch | images/s | learning rate | val loss | val Jaccard (pooled) | val sensitivity |",
             "| --- | --- | --- | --- | --- | --- |",
@@ -364,6 +369,15 @@ def rule_section(
     ]
 
 
+def _exported_weights(checkpoint: str | None, epochs: int) -> str:
+    """Which epoch's weights the model file holds, from the checkpoint its card names."""
+    if checkpoint is None:
+        return ""
+    if Path(checkpoint).name == "last.keras":
+        return f"The model file holds the last epoch's weights (`last.keras`, epoch {epochs})."
+    return f"The model file holds that epoch's weights (`{Path(checkpoint).name}`)."
+
+
 def release_section(
     release: Path,
     version: str,
@@ -407,7 +421,7 @@ def release_section(
         *recipe_table(columns),
         "",
         *loso_section(loso),
-        *training_section(release, cfg),
+        *training_section(release, cfg, card.get("export", {}).get("checkpoint")),
         *comparison_section(release, version, previous),
         *(rule_section(release, version, previous, *rule) if rule else []),
         *postprocess_section(release),
