@@ -186,3 +186,30 @@ def test_a_second_release_gets_its_own_section_after_the_first(runs: Path) -> No
     begin, end = markers("2.1.0")
     assert text.index("2.0.0 stays.") < text.index(begin) < text.index(end) < text.index("## The paper's")
     assert "## Release 2.1.0" in text
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "expected"),
+    [
+        ("runs/release-2.0.0/best.keras", "The model file holds that epoch's weights (`best.keras`)."),
+        (
+            "runs/release-2.0.0/last.keras",
+            "The model file holds the last epoch's weights (`last.keras`, epoch 2).",
+        ),
+    ],
+)
+def test_the_section_says_which_epoch_the_model_file_holds(
+    runs: Path, checkpoint: str, expected: str
+) -> None:
+    release = runs / "release-2.0.0"
+    (release / "history.csv").write_text(
+        "epoch,images_per_second,learning_rate,val_loss,val_jaccard,val_sensitivity\n"
+        "0,6.0,5e-05,0.30,0.85,0.90\n"
+        "1,6.5,1e-06,0.31,0.86,0.91\n"
+    )
+    (release / "summary.json").write_text(json.dumps({"best_epoch": 1}))
+    (runs / "candidate.json").write_text(
+        json.dumps({"version": "2.0.0", "export": {"checkpoint": checkpoint}})
+    )
+    section = _run_report(runs)
+    assert f"lowest validation loss at epoch 1. {expected}" in section

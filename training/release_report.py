@@ -42,6 +42,8 @@ VARIANTS = {
     "t0.4": "threshold 0.4",
     "t0.5": "threshold 0.5",
     "t0.6": "threshold 0.6",
+    "t0.7": "threshold 0.7",
+    "t0.8": "threshold 0.8",
     "tta": "flip test-time augmentation",
     "lc": "largest component only",
     "fh": "holes filled",
