@@ -221,12 +221,32 @@ def _open(driver: Any, service: ServiceProcess) -> None:
     _wait(driver, lambda: "·" in _text(driver, "service-status"), "the readiness line")
 
 
+# Counts the page's state changes, so that an upload's answer is never mistaken for the state before it
+# (on a busy machine the page may not have left "done" yet when the first check runs).
+_COUNT_STATE_CHANGES = """
+if (!window.stateChanges) {
+  window.stateChanges = {count: 0};
+  new MutationObserver(() => { window.stateChanges.count += 1; })
+    .observe(document.body, {attributes: true, attributeFilter: ["data-state"]});
+}
+window.stateChanges.count = 0;
+"""
+
+
 def _upload(driver: Any, photo: Path) -> str:
-    """Chooses ``photo`` in the file picker; waits for the page to settle and returns its state."""
+    """Chooses ``photo`` in the file picker; waits for the page to answer it and returns its state."""
     from selenium.webdriver.common.by import By
 
+    driver.execute_script(_COUNT_STATE_CHANGES)
     driver.find_element(By.ID, "photo").send_keys(str(photo))
-    _wait(driver, lambda: _state(driver) not in ("idle", "busy"), "the answer")
+    _wait(
+        driver,
+        lambda: (
+            driver.execute_script("return window.stateChanges.count") > 0
+            and _state(driver) not in ("idle", "busy")
+        ),
+        "the answer",
+    )
     return _state(driver)
 
 
