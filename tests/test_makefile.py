@@ -1,4 +1,5 @@
-"""The Makefile's leave-one-source-out target trains without the held-out source and scores on it."""
+"""The Makefile, dry-run: the leave-one-source-out target trains without the held-out source and scores on it,
+and a release exports the checkpoint its recipe names."""
 
 from __future__ import annotations
 
@@ -40,3 +41,15 @@ def test_loso_holds_one_source_out(held_out: str | None, trained_on: list[str]) 
     train, score = _loso_commands(*([f"HELD_OUT={held_out}"] if held_out else []))
     assert train == trained_on
     assert score == [f"/data/{held_out or 'isic2017_train'}"]
+
+
+@pytest.mark.parametrize(("release", "checkpoint"), [("2.2.0", "best.keras"), ("2.3.0", "last.keras")])
+def test_a_release_exports_the_checkpoint_its_recipe_names(release: str, checkpoint: str) -> None:
+    out = subprocess.run(
+        ["make", "-n", "release-export", f"RELEASE={release}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"--checkpoint runs/release-{release}/{checkpoint} " in out
