@@ -132,6 +132,8 @@ RELEASE_OPTS.2.3.0 = $(RELEASE_OPTS.2.1.0) --epochs 12 --seed 44
 RELEASE_CHECKPOINT.2.3.0 = last
 # Set before its run, the same rule as 2.1.0's: shipped only if it beats 2.0.0 on ISIC 2017 (95 % interval
 # above 0) and loses at most 0.005 Jaccard pooled, on 2.0.0's validation photos.
+# Outcome (make release-report RELEASE=2.3.0): ISIC 2017 +0.014 [+0.005, +0.022], pooled -0.001: the rule is met.
+# Not yet shipped: release-eval, release-ship, calibrate-quality and the README are the next steps.
 RELEASE_REPORT_OPTS.2.3.0 = --rule isic2017_train:0.005 --write-card
 PREVIOUS = $(PREVIOUS.$(RELEASE))
 PREVIOUS_DIR = runs/v$(PREVIOUS)
