@@ -300,7 +300,7 @@ def training_section(release: Path, cfg: TrainConfig, exported: str | None = Non
     if history:
         lines += [
             f"{len(history)} epochs of {cfg.steps_per_epoch or 'one pass'} steps; lowest validation loss at "
-            f"epoch {summary.get('best_epoch', '?')}. {_exported_weights(exported, len(history))} "
+            f"epoch {summary.get('best_epoch', '?')}. {_exported_weights(exported, len(history))}"
             "Validation by epoch:",
             "",
             "| epoch | images/s | learning rate | val loss | val Jaccard (pooled) | val sensitivity |",
@@ -376,8 +376,8 @@ def _exported_weights(checkpoint: str | None, epochs: int) -> str:
     if checkpoint is None:
         return ""
     if Path(checkpoint).name == "last.keras":
-        return f"The model file holds the last epoch's weights (`last.keras`, epoch {epochs})."
-    return f"The model file holds that epoch's weights (`{Path(checkpoint).name}`)."
+        return f"The model file holds the last epoch's weights (`last.keras`, epoch {epochs}). "
+    return f"The model file holds that epoch's weights (`{Path(checkpoint).name}`). "
 
 
 def release_section(
