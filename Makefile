@@ -134,8 +134,8 @@ RELEASE_OPTS.2.3.0 = $(RELEASE_OPTS.2.1.0) --epochs 12 --seed 44
 RELEASE_CHECKPOINT.2.3.0 = last
 # Set before its run, the same rule as 2.1.0's: shipped only if it beats 2.0.0 on ISIC 2017 (95 % interval
 # above 0) and loses at most 0.005 Jaccard pooled, on 2.0.0's validation photos.
-# Outcome (make release-report RELEASE=2.3.0): ISIC 2017 +0.014 [+0.005, +0.022], pooled -0.001: the rule is met.
-# Not yet shipped: release-eval, release-ship, calibrate-quality and the README are the next steps.
+# Outcome (make release-report RELEASE=2.3.0): ISIC 2017 +0.014 [+0.005, +0.022], pooled -0.001: the rule is met,
+# so 2.3.0 is shipped (make release-eval release-ship calibrate-quality release-report RELEASE=2.3.0).
 RELEASE_REPORT_OPTS.2.3.0 = $(ISIC_RULE)
 PREVIOUS = $(PREVIOUS.$(RELEASE))
 PREVIOUS_DIR = runs/v$(PREVIOUS)

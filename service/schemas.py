@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 CardSource = Literal["sidecar", "embedded"]
 
 #: Example values used in the OpenAPI document.
-_EXAMPLE_MODEL: dict[str, Any] = {"name": "dermaseg-resnet50v2-unet", "version": "2.0.0"}
+_EXAMPLE_MODEL: dict[str, Any] = {"name": "dermaseg-resnet50v2-unet", "version": "2.3.0"}
 _EXAMPLE_PROVIDERS: list[Any] = ["CPUExecutionProvider"]
 
 

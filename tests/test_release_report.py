@@ -146,7 +146,7 @@ def test_a_candidate_is_called_shipped_only_when_models_holds_the_same_file(runs
     (runs / "candidate.json").write_text(json.dumps({"version": "2.0.0", "sha256": "new"}))
     (runs / "shipped.json").write_text(json.dumps({"version": "1.0.0", "sha256": "old"}))
     section = _run_report(runs, "--write-card")
-    assert "It was not shipped" in section
+    assert "It is not the shipped model" in section
     assert "recipe_evidence" in json.loads((runs / "candidate.json").read_text())
     assert "recipe_evidence" not in json.loads((runs / "shipped.json").read_text()), "another model's card"
 
@@ -162,7 +162,7 @@ def test_a_candidate_is_called_shipped_only_when_models_holds_the_same_file(runs
 def test_the_shipping_rule_is_judged_on_the_paired_comparison(runs: Path) -> None:
     # ISIC 2017: 0.5 → 0.7 and 0.9 → 0.9, too few photos for an interval above 0.
     section = _run_report(runs, "--rule", "isic2017_train:0.005")
-    assert "The rule was not met: 1.0.0 stays the shipped model." in section
+    assert "The rule was not met, so it did not replace 1.0.0." in section
 
     release = runs / "release-2.0.0"
     steady = {"ISIC_0000001": 0.6, "ISIC_0000002": 1.0, "IMD002": 0.8, "ISIC_0030000": 0.8}

@@ -5,7 +5,8 @@ It reads the release run (``runs/release-X``: its configuration, summary, histor
 same photos) and, where given, the leave-one-source-out runs that chose its recipe
 (``runs/loso-NAME/eval_held_out.json``, ``make loso``). It writes the section between its two markers in
 the page and leaves the rest as it is: earlier releases and the reproduction, whose run directories need not
-be on this machine, keep their figures. A candidate that was not shipped gets its section too, saying so.
+be on this machine, keep their figures. A candidate that is not (or no longer) shipped gets its section too,
+saying so.
 """
 
 from __future__ import annotations
@@ -366,7 +367,7 @@ def rule_section(
         f"Jaccard on {must_improve}",
         f"beats {previous}'s with the whole 95 % interval above 0 (here {_interval(focus)}), and the pooled",
         f"difference is at least −{tolerance:g} (here {pooled['mean']:+.3f}). "
-        + ("The rule was met." if met else f"The rule was not met: {previous} stays the shipped model."),
+        + ("The rule was met." if met else f"The rule was not met, so it did not replace {previous}."),
         "",
     ]
 
@@ -405,7 +406,8 @@ def release_section(
     status = (
         "It is the shipped model (`models/dermaseg.onnx`)."
         if shipped
-        else f"It was not shipped: `models/` holds another release. Its files stay in `{card_path.parent}`."
+        else "It is not the shipped model: `models/` holds another release. "
+        f"Its files stay in `{card_path.parent}`."
     )
     return [
         begin,
