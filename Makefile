@@ -7,7 +7,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-fast lint openapi bench load reproduce release-previous release-train release-export release-eval release-ship release-report calibrate-quality report loso loso-compare smoke clean
+.PHONY: help serve test test-fast lint openapi bench model-cost load reproduce release-previous release-train release-export release-eval release-ship release-report calibrate-quality report loso loso-compare smoke clean
 
 help: ## list the tasks
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ load: $(BIN)/.dev-deps ## the load run: 2,000 good and bad requests at concurren
 
 bench: $(BIN)/.dev-deps ## run the performance benchmark, writes docs/performance.md (on a quiet machine)
 	$(BIN)/python -m bench $(BENCH_OPTS) $(BENCH_EXTRA)
+
+model-cost: $(BIN)/.dev-deps ## the served pipeline of release RELEASE's candidate against the shipped model's, side by side (quiet machine)
+	$(BIN)/python -m bench.model_cost models/dermaseg.onnx $(RELEASE_MODEL)/dermaseg.onnx $(MODEL_COST_OPTS)
 
 # The paper's comparison: three models trained on PH2, tested on ISIC 2017 training images (external).
 DATA ?= ../shared/data

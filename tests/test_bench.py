@@ -17,15 +17,16 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+from bench import model_cost
 from bench.baseline import FullDecodePipeline, Release100Pipeline, encode_png_1_0
 from bench.decode_check import DecodeCheck, PhotoCheck, dice, run_check
 from bench.flops import count_flops
 from bench.goals import Goal
 from bench.http_load import ServiceConfig
-from bench.inputs import synthetic_photo
+from bench.inputs import load_photo, synthetic_photo
 from bench.machine import Machine, estimate_peak
 from bench.pipeline import time_side_by_side
-from bench.timing import Effort, Timing, measure, percentile
+from bench.timing import QUICK, Effort, Timing, measure, percentile
 from service.imaging import encode_png, load_mask
 from service.inference import OnnxModel
 from service.pipeline import STEPS, Encoded, PhotoResult, Segmentation, StepTimes
@@ -333,3 +334,34 @@ def test_quick_run_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert document["flops"]["macs_by_op"] == {}
     assert [goal["target"] for goal in document["goals"]] == [0.80, 1.0]  # full JSON throughput; 6 MP ratio
     assert all(goal["measured"] is not None for goal in document["goals"])
+
+
+def test_model_cost_times_both_models_on_every_photo_and_step(tmp_path: Path) -> None:
+    small = write_darkness_model(tmp_path / "small.onnx", input_size=(32, 32), version="1.0.0")
+    large = write_darkness_model(tmp_path / "large.onnx", input_size=(96, 128), version="2.0.0")
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(synthetic_photo((120, 160)))
+    out = tmp_path / "cost.json"
+    assert (
+        model_cost.main([str(small), str(large), "--photos", str(photo), "--quick", "--json", str(out)]) == 0
+    )
+
+    (result,) = json.loads(out.read_text())
+    assert set(result["models"]) == {"1.0.0 (32×32)", "2.0.0 (128×96)"}
+    for steps in result["models"].values():
+        assert set(steps) == set(STEPS)
+        assert all(timing["n"] >= QUICK.min_runs for timing in steps.values())
+
+
+def test_model_cost_tells_two_files_of_the_same_release_apart(tmp_path: Path) -> None:
+    path = write_darkness_model(tmp_path / "model.onnx")
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(synthetic_photo((60, 80)))
+    model = OnnxModel(path)
+    (cost,) = model_cost.compare(model, OnnxModel(path), [load_photo(photo)], QUICK)
+    a, b = cost.steps
+    assert a.startswith("A ") and b.startswith("B ") and a != b
+    whole = cost.p50(a)
+    assert whole == pytest.approx(sum(cost.p50(a, step) for step in STEPS))
+    text = model_cost.render([cost])
+    assert text.count("**whole answer**") == 1 and "B / A" in text
