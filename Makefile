@@ -151,6 +151,8 @@ RELEASE_OPTS.2.4.0 = $(subst --image-size 192,--image-size 256,$(RELEASE_OPTS.2.
 RELEASE_CHECKPOINT.2.4.0 = last
 # Set before its run: shipped only if it beats 2.3.0 on ISIC 2017 (95 % interval above 0) and loses at most
 # 0.005 Jaccard pooled, on the same validation photos (2.0.0's, which 2.3.0 kept).
+# Outcome (make release-report RELEASE=2.4.0): ISIC 2017 -0.007 [-0.018, +0.003], pooled -0.000, failures
+# 85 -> 99: not shipped. `make model-cost RELEASE=2.4.0` measured 1.24-1.44x the served pipeline's time.
 RELEASE_REPORT_OPTS.2.4.0 = $(ISIC_RULE)
 PREVIOUS = $(PREVIOUS.$(RELEASE))
 PREVIOUS_DIR = runs/v$(PREVIOUS)
