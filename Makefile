@@ -7,7 +7,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-fast lint openapi bench model-cost load reproduce release-previous release-train release-export release-eval release-ship release-report calibrate-quality report loso loso-compare smoke clean
+.PHONY: help serve test test-fast lint openapi bench model-cost load reproduce release-previous release-train release-export release-score release-eval release-ship release-report calibrate-quality report loso loso-compare smoke clean
 
 help: ## list the tasks
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -204,8 +204,12 @@ release-export: $(BIN)/.dev-deps ## export runs/release-RELEASE/best.keras (or l
 # original size.
 RELEASE_EVAL = $(BIN)/dermaseg evaluate --model $(RELEASE_MODEL)/dermaseg.onnx --card $(RELEASE_MODEL)/dermaseg.json \
   $(RELEASE_DATA) --split $(RELEASE_RUN)/split.json
-release-eval: $(BIN)/.dev-deps ## score release RELEASE and the previous one on its validation split, and samples/
+release-score: $(BIN)/.dev-deps ## what the shipping rule needs: release RELEASE as served and the previous one, on its validation split
 	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_plain.json
+	$(BIN)/dermaseg evaluate --model $(PREVIOUS_DIR)/dermaseg.onnx --card $(PREVIOUS_DIR)/dermaseg.json $(RELEASE_DATA) \
+	  --split $(RELEASE_RUN)/split.json --out $(RELEASE_RUN)/previous_val_plain.json
+
+release-eval: release-score ## score release RELEASE and the previous one on its validation split (each variant), and samples/
 	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_tta.json --flip-tta
 	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_lc.json --largest-component
 	$(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_fh.json --fill-holes
@@ -213,8 +217,6 @@ release-eval: $(BIN)/.dev-deps ## score release RELEASE and the previous one on 
 	for t in 0.3 0.4 0.5 0.6 0.7 0.8; do \
 	  $(RELEASE_EVAL) --out $(RELEASE_RUN)/eval_val_t$$t.json --threshold $$t --label threshold_$$t || exit 1; \
 	done
-	$(BIN)/dermaseg evaluate --model $(PREVIOUS_DIR)/dermaseg.onnx --card $(PREVIOUS_DIR)/dermaseg.json $(RELEASE_DATA) \
-	  --split $(RELEASE_RUN)/split.json --out $(RELEASE_RUN)/previous_val_plain.json
 	$(BIN)/dermaseg evaluate --model $(RELEASE_MODEL)/dermaseg.onnx --card $(RELEASE_MODEL)/dermaseg.json \
 	  --data $(DATA)/samples --out $(RELEASE_RUN)/eval_samples.json --overlays $(RELEASE_RUN)/overlays_samples
 

@@ -1,5 +1,6 @@
 """The Makefile, dry-run: the leave-one-source-out target trains without the held-out source and scores on it,
-and a release exports the checkpoint its recipe names."""
+a release exports the checkpoint its recipe names, and
+release-score scores the candidate and the previous release on the same photos."""
 
 from __future__ import annotations
 
@@ -53,3 +54,20 @@ def test_a_release_exports_the_checkpoint_its_recipe_names(release: str, checkpo
         check=True,
     ).stdout
     assert f"--checkpoint runs/release-{release}/{checkpoint} " in out
+
+
+def test_release_score_runs_the_candidate_and_the_previous_release_on_one_split() -> None:
+    out = subprocess.run(
+        ["make", "-n", "release-score", "RELEASE=2.4.0", "DATA=/data"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.replace("\\\n", " ")
+    evaluations = [line for line in out.splitlines() if "dermaseg evaluate" in line]
+    assert len(evaluations) == 2
+    models = [re.findall(r"--model (\S+)", line)[0] for line in evaluations]
+    assert models == ["runs/release-2.4.0/model/dermaseg.onnx", "runs/v2.3.0/dermaseg.onnx"]
+    for line in evaluations:
+        assert "--split runs/release-2.4.0/split.json" in line
+        assert re.findall(r"--data (\S+)", line) == ["/data/ph2", "/data/isic2017_train", "/data/ham10000"]
