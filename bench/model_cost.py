@@ -35,12 +35,12 @@ class PhotoCost:
     def p50(self, label: str, step: str | None = None) -> float:
         """The median of one step, or of the whole pipeline (the sum of the steps' medians)."""
         timings = self.steps[label]
-        names = [step] if step else [name for name in STEPS if name in timings]
+        names = [step] if step else STEPS
         return sum(timings[name].p50 for name in names if name in timings)
 
 
 def label(model: OnnxModel) -> str:
-    """``name version (H×W)``: what tells two model files apart in the table."""
+    """``version (W×H)``: what tells two model files apart in the table."""
     height, width = model.info.input_size
     return f"{model.info.version} ({width}×{height})"
 
