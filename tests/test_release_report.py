@@ -47,6 +47,7 @@ def runs(tmp_path: Path) -> Path:
         loss="focal+jaccard",
         image_size=192,
         init_from=str(previous / "recovered.keras"),
+        precision="mixed_bfloat16",
     ).save(release / "config.json")
     split = {"train": [{"id": "ISIC_0030001", "dataset": "ham10000"}], "val": []}
     split["val"] = [{"id": key, "dataset": source} for key, source in SOURCES.items()]
@@ -139,6 +140,7 @@ def test_the_recipe_table_sets_the_release_beside_the_one_it_started_from(runs: 
     section = _run_report(runs)
     assert "| release 1.0.0 | release 2.0.0 |" in section
     assert "| input | 224² | 224² | 192² |" in section, "paper default, 1.0.0's own recipe, the candidate"
+    assert "| precision | float32 | float32 | mixed_bfloat16 |" in section
     assert "### Against release 1.0.0, on the same validation photos" in section
 
 

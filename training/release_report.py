@@ -67,6 +67,7 @@ RECIPE = (
     ("schedule", "schedule"),
     ("epochs × steps", "epochs"),
     ("weight averaging", "ema"),
+    ("precision", "precision"),
     ("weights at the start", "init_from"),
     ("validation split", "split_like"),
 )
