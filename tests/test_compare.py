@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.compare import ComparisonError, compare, load_evaluation, main
+from training.compare import ComparisonError, compare, failure_kinds, load_evaluation, main
 
 
 def _write(path: Path, jaccards: dict[str, float]) -> Path:
@@ -54,6 +54,42 @@ def test_command_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "Jaccard              +0.0125" in out and "1 / 2" in out
     assert main(["--json", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     assert json.loads(capsys.readouterr().out)["paired"] == 4
+
+
+def _counted(jaccard: float, tp: int, fp: int, fn: int, tn: int, key: str) -> dict:
+    return {"id": key, "jaccard": jaccard, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+# 100-pixel frames: a small lesion outlined well; an under-segmented failure (half the lesion missed); an
+# over-segmented one (60 pixels of skin added); a lesion filling the frame, 40 % missed; one row without
+# pixel counts, left out.
+COUNTED = [
+    _counted(0.8, tp=4, fp=0, fn=1, tn=95, key="small"),
+    _counted(0.5, tp=10, fp=0, fn=10, tn=80, key="under"),
+    _counted(0.4, tp=40, fp=60, fn=0, tn=0, key="over"),
+    _counted(0.6, tp=60, fp=0, fn=40, tn=0, key="filling"),
+    {"id": "uncounted", "jaccard": 0.1},
+]
+
+
+def test_failures_are_counted_by_kind_and_by_the_lesions_share_of_the_frame() -> None:
+    kinds = failure_kinds({"per_image": COUNTED})
+    assert (kinds["photos"], kinds["failures"]) == (4, 3)
+    assert (kinds["under_segmented"], kinds["over_segmented"]) == (2, 1)
+    assert kinds["by_lesion_share"] == {
+        "< 10 %": {"photos": 1, "failures": 0},
+        "10–50 %": {"photos": 2, "failures": 2},
+        "≥ 50 %": {"photos": 1, "failures": 1},
+    }
+
+
+def test_the_command_says_how_the_failures_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fixed = {"jaccard": 0.9, "tp": 18, "fp": 0, "fn": 2, "tn": 80}
+    better = [{**row, **fixed} if row["id"] == "under" else row for row in COUNTED]
+    for name, rows in (("a.json", COUNTED), ("b.json", better)):
+        (tmp_path / name).write_text(json.dumps({"per_image": rows}))
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    assert "failures under- / over-segmented: A 2 / 1, B 1 / 1" in capsys.readouterr().out
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -161,6 +161,33 @@ def test_a_candidate_is_called_shipped_only_when_models_holds_the_same_file(runs
     assert per_source["ham10000"]["jaccard"]["mean"] == pytest.approx(0.2)
 
 
+def _counted(rows: dict[str, tuple[float, int, int, int, int]]) -> dict:
+    """An evaluation whose rows carry pixel counts: id → (Jaccard, tp, fp, fn, tn)."""
+    counted = {key: value[0] for key, value in rows.items()}
+    evaluation = _evaluation(counted)
+    for row in evaluation["per_image"]:
+        row.update(zip(("tp", "fp", "fn", "tn"), rows[row["id"]][1:], strict=True))
+    return evaluation
+
+
+def test_the_failures_are_shown_by_kind_where_the_rows_carry_pixel_counts(runs: Path) -> None:
+    assert "### The failures, by kind" not in _run_report(runs), "the fixture's rows have no pixel counts"
+    release = runs / "release-2.0.0"
+    # 100-pixel frames. 1.0.0 misses half of ISIC_0000001's lesion and adds 40 pixels of skin to
+    # ISIC_0030000's, which fills 60 % of the frame; 2.0.0 outlines every photo at 0.7 or better.
+    old = {"ISIC_0000001": (0.5, 10, 0, 10, 80), "ISIC_0000002": (0.9, 9, 0, 1, 90),
+           "IMD002": (0.8, 8, 0, 2, 90), "ISIC_0030000": (0.6, 60, 40, 0, 0)}  # fmt: skip
+    new = {**old, "ISIC_0000001": (0.7, 14, 0, 6, 80), "ISIC_0030000": (0.8, 60, 15, 0, 25)}
+    (release / "previous_val_plain.json").write_text(json.dumps(_counted(old)))
+    (release / "eval_val_plain.json").write_text(json.dumps(_counted(new)))
+
+    section = _run_report(runs)
+
+    assert "### The failures, by kind" in section
+    assert "| all sources | 2 → 0 | 1 → 0 | 1 → 0 | 0 → 0 of 0 | 1 → 0 of 3 | 1 → 0 of 1 |" in section
+    assert "| ham10000 | 1 → 0 | 0 → 0 | 1 → 0 | 0 → 0 of 0 | 0 → 0 of 0 | 1 → 0 of 1 |" in section
+
+
 def test_the_shipping_rule_is_judged_on_the_paired_comparison(runs: Path) -> None:
     # ISIC 2017: 0.5 → 0.7 and 0.9 → 0.9, too few photos for an interval above 0.
     section = _run_report(runs, "--rule", "isic2017_train:0.005")

@@ -58,6 +58,40 @@ def summarize(evaluation: dict[str, Any], cutoff: float = ISIC_JACCARD_CUTOFF) -
     }
 
 
+#: The lesion's share of the frame in truth, the bins the failures are counted in: (label, up to).
+LESION_SHARES = (("< 10 %", 0.1), ("10–50 %", 0.5), ("≥ 50 %", float("inf")))
+
+
+def failure_kinds(evaluation: dict[str, Any], cutoff: float = ISIC_JACCARD_CUTOFF) -> dict[str, Any]:
+    """The failures (Jaccard below ``cutoff``) by kind, from each photo's pixel counts.
+
+    A failed mask is under-segmented when it misses more of the lesion than it adds (false negatives above
+    false positives), else over-segmented. Photos and failures are also counted by the lesion's share of
+    the frame in truth (:data:`LESION_SHARES`). Rows without pixel counts (``tp``, ``fp``, ``fn``, ``tn``)
+    are left out.
+
+    Returns:
+        ``{"photos": n, "failures": k, "under_segmented": u, "over_segmented": o,
+        "by_lesion_share": {label: {"photos": n, "failures": k}}}``.
+    """
+    kinds: dict[str, Any] = {"photos": 0, "failures": 0, "under_segmented": 0, "over_segmented": 0}
+    shares = {label: {"photos": 0, "failures": 0} for label, _ in LESION_SHARES}
+    for row in evaluation["per_image"]:
+        if not all(key in row for key in ("tp", "fp", "fn", "tn")):
+            continue
+        total = row["tp"] + row["fp"] + row["fn"] + row["tn"]
+        share = (row["tp"] + row["fn"]) / total if total else 0.0
+        label = next(label for label, limit in LESION_SHARES if share < limit)
+        failed = float(row["jaccard"]) < cutoff
+        kinds["photos"] += 1
+        shares[label]["photos"] += 1
+        if failed:
+            kinds["failures"] += 1
+            shares[label]["failures"] += 1
+            kinds["under_segmented" if row["fn"] > row["fp"] else "over_segmented"] += 1
+    return kinds | {"by_lesion_share": shares}
+
+
 def _thresholded_rows(evaluation: dict[str, Any], cutoff: float) -> dict[str, Any]:
     return {
         "per_image": [
@@ -73,9 +107,9 @@ def compare(
     """Both summaries, computed on the photos the two have in common, and the paired differences other − base.
 
     Returns:
-        ``{"paired": n, "base": summary, "other": summary, "jaccard": difference,
-        "thresholded_jaccard": difference}``, each difference ``{"mean", "ci95": [low, high], "worse",
-        "better"}``.
+        ``{"paired": n, "base": summary, "other": summary, "failure_kinds": {"base", "other"},
+        "jaccard": difference, "thresholded_jaccard": difference}``, each difference ``{"mean",
+        "ci95": [low, high], "worse", "better"}`` (see :func:`failure_kinds` for the failures by kind).
 
     Raises:
         ComparisonError: no photo in common.
@@ -89,6 +123,7 @@ def compare(
         "paired": len(common),
         "base": summarize(base, cutoff),
         "other": summarize(other, cutoff),
+        "failure_kinds": {"base": failure_kinds(base, cutoff), "other": failure_kinds(other, cutoff)},
     }
     for name, (before, after) in {
         "jaccard": (base, other),
@@ -109,6 +144,15 @@ def format_comparison(result: dict[str, Any], base_name: str, other_name: str) -
         lines.append(
             f"{label:{width}}  {summary['n']:>5}  {summary['jaccard']:>8.4f}  "
             f"{summary['thresholded_jaccard']:>11.4f}  {summary['failures']:>16}"
+        )
+    kinds = result.get("failure_kinds", {})
+    if all(kinds.get(side, {}).get("photos") for side in ("base", "other")):
+        lines.append(
+            "failures under- / over-segmented: "
+            + ", ".join(
+                f"{side} {kinds[key]['under_segmented']} / {kinds[key]['over_segmented']}"
+                for side, key in (("A", "base"), ("B", "other"))
+            )
         )
     lines.append(f"paired difference B − A over {result['paired']} photos (95 % CI; photos worse / better):")
     for name, label in (("jaccard", "Jaccard"), ("thresholded_jaccard", "thresholded Jaccard")):
