@@ -145,8 +145,8 @@ def format_comparison(result: dict[str, Any], base_name: str, other_name: str) -
             f"{label:{width}}  {summary['n']:>5}  {summary['jaccard']:>8.4f}  "
             f"{summary['thresholded_jaccard']:>11.4f}  {summary['failures']:>16}"
         )
-    kinds = result.get("failure_kinds", {})
-    if all(kinds.get(side, {}).get("photos") for side in ("base", "other")):
+    kinds = result["failure_kinds"]
+    if kinds["base"]["photos"] and kinds["other"]["photos"]:
         lines.append(
             "failures under- / over-segmented: "
             + ", ".join(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from training.callbacks import read_history
-from training.compare import LESION_SHARES, compare, failure_kinds, summarize
+from training.compare import LESION_SHARES, compare, summarize
 from training.config import TrainConfig
 from training.export.card import data_terms
 from training.metrics import ISIC_JACCARD_CUTOFF
@@ -192,37 +192,34 @@ def against_previous(release: Path) -> dict[str, dict[str, Any]]:
         ``{"all sources": comparison, source: comparison, ...}`` (see :func:`training.compare.compare`), or
         ``{}`` when an evaluation or the split is missing.
     """
-    parts = _validation_parts(release)
-    if parts is None:
-        return {}
-    old_parts, new_parts = parts
-    return {source: compare(old_parts[source], part) for source, part in new_parts.items()}
-
-
-def _validation_parts(
-    release: Path,
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]] | None:
-    """The previous release's and the candidate's evaluations on the run's validation photos, per source
-    (see :func:`_by_source`), or None when an evaluation or the split is missing."""
     new, old, split = (
         load_json(release / "eval_val_plain.json"),
         load_json(release / PREVIOUS_EVALUATION),
         load_json(release / "split.json"),
     )
     if not (new and old and split):
-        return None
+        return {}
     sources = {str(entry["id"]): entry["dataset"] for entry in split["val"]}
-    return _by_source(old, sources), _by_source(new, sources)
+    old_parts = _by_source(old, sources)
+    return {source: compare(old_parts[source], part) for source, part in _by_source(new, sources).items()}
 
 
 def failures_section(release: Path, version: str, previous: str) -> list[str]:
     """Both releases' failures on the run's validation photos, by kind and by lesion size, per source."""
-    parts = _validation_parts(release)
-    if parts is None:
-        return []
-    old_parts, new_parts = parts
     shares = [label for label, _ in LESION_SHARES]
-    lines = [
+    rows = []
+    for source, result in against_previous(release).items():
+        before, after = result["failure_kinds"]["base"], result["failure_kinds"]["other"]
+        if not (before["photos"] and after["photos"]):
+            continue
+        cells = [f"{before[key]} → {after[key]}" for key in ("failures", "under_segmented", "over_segmented")]
+        for label in shares:
+            old_bin, new_bin = before["by_lesion_share"][label], after["by_lesion_share"][label]
+            cells.append(f"{old_bin['failures']} → {new_bin['failures']} of {new_bin['photos']}")
+        rows.append(f"| {source} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
         "### The failures, by kind",
         "",
         f"Failures (Jaccard below {ISIC_JACCARD_CUTOFF}) on the same photos, {previous} → {version}. "
@@ -235,19 +232,9 @@ def failures_section(release: Path, version: str, previous: str) -> list[str]:
         + " | ".join(f"lesion {label} of the frame" for label in shares)
         + " |",
         "| --- | --- | --- | --- |" + " --- |" * len(shares),
+        *rows,
+        "",
     ]
-    counted = False
-    for source, part in new_parts.items():
-        before, after = failure_kinds(old_parts[source]), failure_kinds(part)
-        if not (before["photos"] and after["photos"]):
-            continue
-        counted = True
-        cells = [f"{before[key]} → {after[key]}" for key in ("failures", "under_segmented", "over_segmented")]
-        for label in shares:
-            old_bin, new_bin = before["by_lesion_share"][label], after["by_lesion_share"][label]
-            cells.append(f"{old_bin['failures']} → {new_bin['failures']} of {new_bin['photos']}")
-        lines.append(f"| {source} | " + " | ".join(cells) + " |")
-    return [*lines, ""] if counted else []
 
 
 def comparison_section(release: Path, version: str, previous: str) -> list[str]:
