@@ -284,6 +284,16 @@ loso: $(BIN)/.dev-deps ## leave-one-source-out: train RECIPE="..." without HELD_
 	$(BIN)/dermaseg evaluate --model $(LOSO_RUN)/best.keras --data $(DATA)/$(HELD_OUT) \
 	  --out $(LOSO_RUN)/eval_held_out.json
 
+# Set before their runs (after 2.6.0): two options no run had measured, each against a fresh `base` (same seed,
+# same code), trained and scored by `make loso NAME=X RECIPE=...`; an option goes into a release candidate only
+# if it beats `base` on the held-out ISIC 2017 photos with the whole 95 % interval above 0 (release_report's
+# rule for this table):
+#   sog:    --color-constancy   Shades of Gray colour constancy inside the network (training/model.py): the
+#           external set's photos come from other cameras and lights, and its failures are faint lesions.
+#   zoom40: --zoom 0.4          the scale range 0.6-1.4 instead of 0.8-1.2: the external set's failures include
+#           lesions that fill most of the frame.
+LOSO_OPTIONS = --loso base runs/loso-base --loso sog runs/loso-sog --loso zoom40 runs/loso-zoom40
+
 A ?= base
 B ?= $(NAME)
 loso-compare: $(BIN)/.dev-deps ## paired comparison of two leave-one-source-out runs: A=NAME B=NAME

@@ -168,6 +168,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser, defaults: TrainConfig) 
     )
     recipe.add_argument("--zoom", type=_non_negative_float, default=defaults.zoom, help=TRAIN_HELP["zoom"])
     recipe.add_argument("--photometric", action="store_true", help=TRAIN_HELP["photometric"])
+    recipe.add_argument("--color-constancy", action="store_true", help=TRAIN_HELP["color_constancy"])
     recipe.add_argument(
         "--source-weights",
         type=_source_weights,
@@ -239,6 +240,7 @@ def _run_train(args: argparse.Namespace) -> int:
                 rotation_degrees=args.rotation_degrees,
                 zoom=args.zoom,
                 photometric=args.photometric,
+                color_constancy=args.color_constancy,
                 source_weights=args.source_weights,
                 optimizer=args.optimizer,
                 weight_decay=args.weight_decay,

@@ -72,6 +72,13 @@ class TrainConfig:
         default=False,
         metadata={"help": "also jitter brightness, contrast, gamma, hue and saturation (image only)"},
     )
+    color_constancy: bool = field(
+        default=False,
+        metadata={
+            "help": "correct each photo's colour cast inside the network (Shades of Gray, p = 6), in "
+            "training and wherever the model runs"
+        },
+    )
     source_weights: str = field(
         default="none",
         metadata={

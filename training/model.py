@@ -2,8 +2,10 @@
 
 Both networks take one input named ``image``: float32 ``(N, H, W, 3)`` RGB in 0–255, and scale it
 themselves (the first layer), so an exported model is self-contained and the service never guesses the
-preprocessing. Both end in a 1×1 convolution with a sigmoid named ``probability`` that stays float32
-under mixed precision, so the probabilities (and the loss computed on them) keep full precision.
+preprocessing. With ``color_constancy`` a `ShadesOfGray` layer corrects each photo's colour cast before
+that scaling, inside the network too, so the exported file carries it and every caller gets it alike.
+Both end in a 1×1 convolution with a sigmoid named ``probability`` that stays float32 under mixed
+precision, so the probabilities (and the loss computed on them) keep full precision.
 
 Written with ``keras.layers`` / ``keras.ops`` only: the models build on any Keras backend.
 """
@@ -14,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import keras
-from keras import layers
+from keras import layers, ops
 
 from training.config import ARCHITECTURES
 
@@ -92,6 +94,49 @@ def DecoderBlock(filters: int, stage: int, dropout_rate: float) -> Callable:
     return apply
 
 
+#: Shades of Gray's Minkowski norm: 6, as Barata et al. (IEEE JBHI 2015) found best for dermoscopy.
+SHADES_OF_GRAY_POWER = 6.0
+
+
+@keras.saving.register_keras_serializable(package="dermaseg")
+class ShadesOfGray(layers.Layer):
+    """Shades of Gray colour constancy (Finlayson & Trezzi, 2004), per photo, on RGB in 0–255.
+
+    Each channel's illuminant is its Minkowski ``p``-mean over the photo, ``e_c = mean(x_c^p)^(1/p)`` (1 is
+    Gray World, ∞ is max-RGB); the photo is then scaled channel by channel by ``‖e‖ / (√3 · e_c)``, so a
+    neutral (gray) illuminant leaves it unchanged and a colour cast is divided out, and clipped to 0–255.
+    Dermoscopes and cameras differ in their light's colour; this removes that difference before the network
+    sees the photo. No weights; computed in float32 whatever the policy.
+
+    Args:
+        power: the norm's ``p`` (at least 1).
+    """
+
+    def __init__(self, power: float = SHADES_OF_GRAY_POWER, **kwargs):
+        super().__init__(**{"dtype": "float32", **kwargs})
+        if power < 1:
+            raise ValueError(f"the Shades of Gray power must be at least 1, not {power}")
+        self.power = float(power)
+
+    def call(self, image):
+        image = ops.cast(image, "float32")
+        # On x / 255, so that x^6 stays far from float32's range; the gains do not depend on the scale.
+        scaled = ops.clip(image / 255.0, 0.0, 1.0)
+        illuminant = ops.power(
+            ops.mean(ops.power(scaled, self.power), axis=(1, 2), keepdims=True), 1 / self.power
+        )
+        illuminant = ops.maximum(illuminant, 1e-6)  # a black photo: gains of 1, not a division by 0
+        norm = ops.sqrt(ops.sum(ops.square(illuminant), axis=-1, keepdims=True))
+        gains = norm / (illuminant * 3.0**0.5)
+        return ops.clip(image * gains, 0.0, 255.0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "power": self.power}
+
+
 def ProbabilityHead(name: str = "probability") -> Callable:
     """1×1 convolution + sigmoid, float32 even under a mixed-precision policy."""
 
@@ -161,6 +206,7 @@ def build_resnet50v2_unet(
     encoder_weights: str | Path | None = "imagenet",
     decoder_filters: Sequence[int] = (512, 256, 128, 64, 32),
     dropout_rate: float = 0.3,
+    color_constancy: bool = False,
     name: str = "resnet50v2_unet",
 ) -> keras.Model:
     """The paper's network: a ResNet50V2 encoder and a five-stage U-Net decoder.
@@ -175,6 +221,7 @@ def build_resnet50v2_unet(
             initialisation), or the path of a ResNet50V2 no-top weights file (``.h5`` or ``.weights.h5``).
         decoder_filters: Widths of the five decoder stages, deepest first.
         dropout_rate: Dropout in each decoder stage.
+        color_constancy: Correct each photo's colour cast first (`ShadesOfGray`, layer ``color_constancy``).
         name: Model name.
 
     Returns:
@@ -191,8 +238,9 @@ def build_resnet50v2_unet(
     weights_path = _resolve_encoder_weights(encoder_weights)  # fails before anything is built
 
     image = keras.Input((height, width, 3), name="image")
+    x = ShadesOfGray(name="color_constancy")(image) if color_constancy else image
     # ResNet50V2 expects x / 127.5 - 1 (keras.applications.resnet_v2.preprocess_input, "tf" mode).
-    scaled = layers.Rescaling(1 / 127.5, offset=-1, name="image_scaling")(image)
+    scaled = layers.Rescaling(1 / 127.5, offset=-1, name="image_scaling")(x)
     encoder = keras.applications.ResNet50V2(include_top=False, weights=None, input_tensor=scaled)
     if weights_path is not None:
         _load_encoder_weights(encoder, weights_path)
@@ -210,6 +258,7 @@ def build_unet(
     base_filters: int = 64,
     depth: int = 4,
     dropout_rate: float = 0.3,
+    color_constancy: bool = False,
     name: str = "unet",
 ) -> keras.Model:
     """The plain U-Net baseline (Ronneberger et al., 2015), with batch normalization.
@@ -228,6 +277,7 @@ def build_unet(
         base_filters: Widths of the first level.
         depth: Number of poolings.
         dropout_rate: Dropout in each decoder stage.
+        color_constancy: Correct each photo's colour cast first (`ShadesOfGray`, layer ``color_constancy``).
         name: Model name.
 
     Returns:
@@ -238,7 +288,8 @@ def build_unet(
     height, width = _check_input_size(input_size, max(RESNET50V2_STRIDE, 2**depth))
 
     image = keras.Input((height, width, 3), name="image")
-    x = layers.Rescaling(1 / 255, name="image_scaling")(image)
+    x = ShadesOfGray(name="color_constancy")(image) if color_constancy else image
+    x = layers.Rescaling(1 / 255, name="image_scaling")(x)
     skips = []
     for level in range(depth):
         x = ConvBlock(base_filters * 2**level, f"encoder_stage{level + 1}")(x)
@@ -258,6 +309,7 @@ def build_model(
     decoder_filters: Sequence[int] = (512, 256, 128, 64, 32),
     unet_base_filters: int = 64,
     dropout_rate: float = 0.3,
+    color_constancy: bool = False,
 ) -> keras.Model:
     """Builds the network named by ``arch``, with the options of `training.config.TrainConfig`.
 
@@ -268,6 +320,7 @@ def build_model(
         decoder_filters: ResNet50V2 U-Net only: the five decoder widths, deepest first.
         unet_base_filters: Plain U-Net only: widths of its first level.
         dropout_rate: Dropout in each decoder stage.
+        color_constancy: Correct each photo's colour cast first (`ShadesOfGray`).
 
     Returns:
         The uncompiled model: ``image`` (float32 RGB 0–255) → ``probability`` (float32, ``(N, H, W, 1)``).
@@ -282,7 +335,13 @@ def build_model(
             encoder_weights=encoder_weights,
             decoder_filters=decoder_filters,
             dropout_rate=dropout_rate,
+            color_constancy=color_constancy,
         )
     if arch == "unet":
-        return build_unet(input_size, base_filters=unet_base_filters, dropout_rate=dropout_rate)
+        return build_unet(
+            input_size,
+            base_filters=unet_base_filters,
+            dropout_rate=dropout_rate,
+            color_constancy=color_constancy,
+        )
     raise ValueError(f"architecture must be one of {ARCHITECTURES}, not {arch!r}")

@@ -216,6 +216,7 @@ def recover_checkpoint(
         decoder_filters=config["decoder_filters"],
         unet_base_filters=config.get("unet_base_filters", 64),
         dropout_rate=config["dropout_rate"],
+        color_constancy=config.get("color_constancy", False),
     )
     convolutions, batch_norms = read_onnx_weights(onnx_path)
     _assign(model, convolutions, batch_norms)

@@ -64,6 +64,7 @@ RECIPE = (
     ("rotation (±°)", "rotation_degrees"),
     ("zoom", "zoom"),
     ("photometric", "photometric"),
+    ("colour constancy", "color_constancy"),
     ("source sampling", "source_weights"),
     ("optimizer", "optimizer"),
     ("learning rate", "learning_rate"),

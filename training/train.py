@@ -231,6 +231,7 @@ def train(cfg: TrainConfig | None, resume: Path | None = None, epochs: int | Non
             decoder_filters=cfg.decoder_filters,
             unet_base_filters=cfg.unet_base_filters,
             dropout_rate=cfg.dropout_rate,
+            color_constancy=cfg.color_constancy,
         )
         if cfg.init_from:
             warm_start(model, Path(cfg.init_from))
