@@ -134,3 +134,25 @@ def test_the_onnx_export_carries_the_correction(tmp_path):
     (uniform,) = session.run(None, {"image": uniform_photos(32)})
     np.testing.assert_allclose(uniform[0], uniform[1], atol=1e-5)
     np.testing.assert_allclose(uniform[0], uniform[2], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_it_loads_for_evaluation_and_export_in_a_fresh_process(tmp_path):
+    # A fresh interpreter: nothing has imported training.model (and registered the layer) beforehand.
+    import subprocess
+    import sys
+
+    path = tmp_path / "model.keras"
+    build_model("unet", (32, 32), unet_base_filters=4, color_constancy=True).save(path)
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from training.evaluate import load_pipeline\n"
+        "from training.export.convert import load_checkpoint\n"
+        "path = Path(sys.argv[1])\n"
+        "print(load_pipeline(path).input_size, load_checkpoint(path).layers[1].name)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-3:] == ["(32,", "32)", "color_constancy"]

@@ -39,7 +39,9 @@ def load_pipeline(model_path: Path, batch_size: int = 8, providers: Sequence[str
         raise DataError(f"{model_path}: expected a .keras checkpoint or an .onnx model")
     import keras
 
-    import training.losses  # noqa: F401  (registers the custom loss for deserialization)
+    # Registers what a checkpoint names for deserialization: the focal loss, the ShadesOfGray layer.
+    import training.losses
+    import training.model  # noqa: F401
 
     model = keras.models.load_model(model_path, compile=False)
     height, width = model.input_shape[1:3]

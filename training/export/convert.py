@@ -22,7 +22,9 @@ def load_checkpoint(checkpoint: Path) -> Any:
     """Loads a ``.keras`` checkpoint without its optimizer state, as a float32 model."""
     import keras
 
-    import training.losses  # noqa: F401  (registers the focal loss, which a compiled checkpoint names)
+    # Registers what a checkpoint names for deserialization: the focal loss, the ShadesOfGray layer.
+    import training.losses
+    import training.model  # noqa: F401
 
     try:
         model = keras.models.load_model(checkpoint, compile=False)
