@@ -86,7 +86,7 @@ reproduce: $(BIN)/.dev-deps ## train and evaluate the paper's three models into 
 # compared on photos neither trained on. `make release-train RELEASE=2.0.0` reproduces 2.0.0; the default is
 # the newest. Rerunning release-train resumes an interrupted run. The candidate is exported into its run
 # directory and evaluated there; `make release-ship` copies it to models/ (then run calibrate-quality).
-RELEASE ?= 2.6.0
+RELEASE ?= 2.7.0
 SOURCES = ph2 isic2017_train ham10000
 RELEASE_DATA = $(foreach source,$(SOURCES),--data $(DATA)/$(source))
 RELEASE_BASE_OPTS = --encoder-weights none --decoder-filters 256 128 64 32 16 --image-size 192 \
@@ -190,6 +190,24 @@ RELEASE_CHECKPOINT.2.6.0 = last
 # Outcome (make release-report RELEASE=2.6.0): ISIC 2017 +0.000 [-0.005, +0.005], pooled -0.002, failures
 # 85 -> 92: not shipped. The jitter alone, from 2.3.0, moved ISIC 2017 no more than 2.5.0's 4 epochs did.
 RELEASE_REPORT_OPTS.2.6.0 = $(ISIC_RULE)
+# 2.7.0: 2.3.0's recipe (192², ISIC 2017 at 60 % of each epoch) with Shades of Gray colour constancy inside the
+# network (--color-constancy), warm-started from 2.3.0, 6 × 150 steps, the last epoch's weights. Why: the
+# external set's photos come from other cameras and lights. The leave-one-source-out check did not settle it:
+# `sog` gained +0.014 [+0.008, +0.021] on ISIC 2017 over `base`, but `base-seed43` (base with another seed)
+# scored -0.090 [-0.098, -0.083] against `base`, so this small, short check moves more with the seed than with
+# the option and the rule above was not met (`zoom40` was not run: it could not have been told apart either).
+# So colour constancy is tried where the comparison is steadier, fine-tuned from the same weights and paired on
+# the same photos: 2.5.0 and 2.6.0, run so from 2.3.0, each moved ISIC 2017 by +0.000 [-0.005, +0.005].
+# In mixed_bfloat16: the CPU it was trained on has AMX, and `python -m bench.train_precision --rounds 2`
+# measured 7.8 images/s against 5.2 in float32.
+PREVIOUS.2.7.0 = 2.3.0
+PREVIOUS_COMMIT.2.7.0 = 4dcd57f
+PREVIOUS_DATA.2.7.0 = $(RELEASE_DATA)
+RELEASE_OPTS.2.7.0 = $(RELEASE_OPTS.2.1.0) --color-constancy --seed 48
+RELEASE_CHECKPOINT.2.7.0 = last
+# Set before its run, 2.4.0's rule: shipped only if it beats 2.3.0 on ISIC 2017 (95 % interval above 0) and
+# loses at most 0.005 Jaccard pooled, on the same validation photos (2.0.0's, which 2.3.0 kept).
+RELEASE_REPORT_OPTS.2.7.0 = $(ISIC_RULE) $(LOSO_OPTIONS)
 PREVIOUS = $(PREVIOUS.$(RELEASE))
 PREVIOUS_DIR = runs/v$(PREVIOUS)
 RELEASE_RUN = runs/release-$(RELEASE)
@@ -296,8 +314,9 @@ loso: $(BIN)/.dev-deps ## leave-one-source-out: train RECIPE="..." without HELD_
 # scored 0.681: retraining moves this check by more than the paired interval shows. So, also set before the
 # option runs were scored, `base-seed43` (`RECIPE="--seed 43"`, the same recipe with another seed) measures
 # that spread, and an option also has to gain more than base-seed43 differs from base.
-LOSO_OPTIONS = --loso base runs/loso-base --loso base-seed43 runs/loso-base-seed43 --loso sog runs/loso-sog \
-  --loso zoom40 runs/loso-zoom40
+# Outcome: base-seed43 -0.090 [-0.098, -0.083] against base (0.566 against 0.656), sog +0.014 [+0.008, +0.021]:
+# the seed moves this check six times as far as colour constancy did, so the rule was not met.
+LOSO_OPTIONS = --loso base runs/loso-base --loso base-seed43 runs/loso-base-seed43 --loso sog runs/loso-sog
 
 A ?= base
 B ?= $(NAME)
