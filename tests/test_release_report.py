@@ -248,3 +248,52 @@ def test_the_section_says_which_epoch_the_model_file_holds(
     )
     section = _run_report(runs)
     assert f"lowest validation loss at epoch 1. {expected}" in section
+
+
+def test_a_seed_control_sets_how_far_an_option_must_gain(runs: Path) -> None:
+    # base 0.65; `seed` is base's recipe with seed 43 at 0.50 (0.150 off); `bundle` gains +0.100, with every
+    # photo better, and `sog` +0.200: only sog gains more than the seed alone moves the check.
+    for name, value, seed in (("seed", 0.45, 43), ("sog", 0.8, 42)):
+        loso = runs / f"loso-{name}"
+        loso.mkdir()
+        TrainConfig(
+            data=["a/ph2", "a/ham10000"], image_size=128, epochs=12, steps_per_epoch=60, seed=seed,
+            color_constancy=name == "sog",
+        ).save(loso / "config.json")  # fmt: skip
+        (loso / "eval_held_out.json").write_text(
+            json.dumps(_evaluation({"ISIC_1": value, "ISIC_2": value + 0.1}))
+        )
+    page = runs / "results.md"
+    page.write_text("# Results\n")
+    loso = [
+        item
+        for name in ("base", "seed", "bundle", "sog")
+        for item in ("--loso", name, str(runs / f"loso-{name}"))
+    ]
+    assert main(["--release", str(runs / "release-2.0.0"), *loso, "--card", str(runs / "none.json"),
+                 "--out", str(page)]) == 0  # fmt: skip
+    section = _section(page.read_text())
+
+    assert "| `seed` (base, seed 43) | 0.500 |" in section and "| `sog` | 0.850 |" in section
+    assert "Retraining alone moves this check by up to 0.150 Jaccard" in section
+    assert "and by more than that (0.150). That held for `sog`." in section
+
+
+def test_without_a_winner_over_the_seed_control_none_is_kept(runs: Path) -> None:
+    loso = runs / "loso-seed"
+    loso.mkdir()
+    TrainConfig(data=["a/ph2", "a/ham10000"], image_size=128, epochs=12, steps_per_epoch=60, seed=7).save(
+        loso / "config.json"
+    )
+    (loso / "eval_held_out.json").write_text(json.dumps(_evaluation({"ISIC_1": 0.2, "ISIC_2": 0.3})))
+    page = runs / "results.md"
+    page.write_text("# Results\n")
+    loso_args = [
+        item for name in ("base", "seed", "bundle") for item in ("--loso", name, str(runs / f"loso-{name}"))
+    ]
+    assert main(["--release", str(runs / "release-2.0.0"), *loso_args, "--card", str(runs / "none.json"),
+                 "--out", str(page)]) == 0  # fmt: skip
+    section = _section(page.read_text())
+
+    assert "by up to 0.400 Jaccard" in section
+    assert "None did: at this size and length the check cannot tell them from retraining." in section
