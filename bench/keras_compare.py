@@ -172,15 +172,13 @@ def run_keras_comparison(
 
 def _load_checkpoint(checkpoint: Path, workdir: Path) -> Any:
     """Loads a copy of the checkpoint (a training run may rewrite the original meanwhile) in float32."""
-    import keras
-
-    import training.losses  # noqa: F401  (registers the focal loss a compiled checkpoint names)
     from training.export import as_float32
+    from training.model import load_network
 
     copy = workdir / "checkpoint-copy.keras"
     shutil.copyfile(checkpoint, copy)
     try:
-        return as_float32(keras.models.load_model(copy, compile=False))
+        return as_float32(load_network(copy))
     finally:
         copy.unlink(missing_ok=True)
 

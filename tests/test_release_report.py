@@ -63,15 +63,38 @@ def runs(tmp_path: Path) -> Path:
         json.dumps(_evaluation({**new, "ISIC_0000001": 0.66}) | {"threshold": 0.45})
     )
     for name, value in (("base", 0.6), ("bundle", 0.7)):
-        loso = tmp_path / f"loso-{name}"
-        loso.mkdir()
-        TrainConfig(data=["a/ph2", "a/ham10000"], image_size=128, epochs=12, steps_per_epoch=60).save(
-            loso / "config.json"
-        )
-        (loso / "eval_held_out.json").write_text(
-            json.dumps(_evaluation({"ISIC_1": value, "ISIC_2": value + 0.1}))
-        )
+        _loso_run(tmp_path, name, value)
     return tmp_path
+
+
+def _loso_run(runs: Path, name: str, value: float, **options) -> None:
+    """runs/loso-NAME: a LOSO run's config (``options`` on top of the shared recipe) and its two scores."""
+    loso = runs / f"loso-{name}"
+    loso.mkdir()
+    TrainConfig(data=["a/ph2", "a/ham10000"], image_size=128, epochs=12, steps_per_epoch=60, **options).save(
+        loso / "config.json"
+    )
+    (loso / "eval_held_out.json").write_text(
+        json.dumps(_evaluation({"ISIC_1": value, "ISIC_2": value + 0.1}))
+    )
+
+
+def _loso_report(runs: Path, names: tuple[str, ...]) -> str:
+    """The release section written with the LOSO runs ``names`` (the first is the base)."""
+    page = runs / "results.md"
+    page.write_text("# Results\n")
+    loso = [item for name in names for item in ("--loso", name, str(runs / f"loso-{name}"))]
+    arguments = [
+        "--release",
+        str(runs / "release-2.0.0"),
+        *loso,
+        "--card",
+        str(runs / "none.json"),
+        "--out",
+        str(page),
+    ]
+    assert main(arguments) == 0
+    return _section(page.read_text())
 
 
 def _section(page: str) -> str:
@@ -253,26 +276,9 @@ def test_the_section_says_which_epoch_the_model_file_holds(
 def test_a_seed_control_sets_how_far_an_option_must_gain(runs: Path) -> None:
     # base 0.65; `seed` is base's recipe with seed 43 at 0.50 (0.150 off); `bundle` gains +0.100, with every
     # photo better, and `sog` +0.200: only sog gains more than the seed alone moves the check.
-    for name, value, seed in (("seed", 0.45, 43), ("sog", 0.8, 42)):
-        loso = runs / f"loso-{name}"
-        loso.mkdir()
-        TrainConfig(
-            data=["a/ph2", "a/ham10000"], image_size=128, epochs=12, steps_per_epoch=60, seed=seed,
-            color_constancy=name == "sog",
-        ).save(loso / "config.json")  # fmt: skip
-        (loso / "eval_held_out.json").write_text(
-            json.dumps(_evaluation({"ISIC_1": value, "ISIC_2": value + 0.1}))
-        )
-    page = runs / "results.md"
-    page.write_text("# Results\n")
-    loso = [
-        item
-        for name in ("base", "seed", "bundle", "sog")
-        for item in ("--loso", name, str(runs / f"loso-{name}"))
-    ]
-    assert main(["--release", str(runs / "release-2.0.0"), *loso, "--card", str(runs / "none.json"),
-                 "--out", str(page)]) == 0  # fmt: skip
-    section = _section(page.read_text())
+    _loso_run(runs, "seed", 0.45, seed=43)
+    _loso_run(runs, "sog", 0.8, color_constancy=True)
+    section = _loso_report(runs, ("base", "seed", "bundle", "sog"))
 
     assert "| `seed` (base, seed 43) | 0.500 |" in section and "| `sog` | 0.850 |" in section
     assert "Retraining alone moves this check by up to 0.150 Jaccard" in section
@@ -280,20 +286,8 @@ def test_a_seed_control_sets_how_far_an_option_must_gain(runs: Path) -> None:
 
 
 def test_without_a_winner_over_the_seed_control_none_is_kept(runs: Path) -> None:
-    loso = runs / "loso-seed"
-    loso.mkdir()
-    TrainConfig(data=["a/ph2", "a/ham10000"], image_size=128, epochs=12, steps_per_epoch=60, seed=7).save(
-        loso / "config.json"
-    )
-    (loso / "eval_held_out.json").write_text(json.dumps(_evaluation({"ISIC_1": 0.2, "ISIC_2": 0.3})))
-    page = runs / "results.md"
-    page.write_text("# Results\n")
-    loso_args = [
-        item for name in ("base", "seed", "bundle") for item in ("--loso", name, str(runs / f"loso-{name}"))
-    ]
-    assert main(["--release", str(runs / "release-2.0.0"), *loso_args, "--card", str(runs / "none.json"),
-                 "--out", str(page)]) == 0  # fmt: skip
-    section = _section(page.read_text())
+    _loso_run(runs, "seed", 0.2, seed=7)
+    section = _loso_report(runs, ("base", "seed", "bundle"))
 
     assert "by up to 0.400 Jaccard" in section
     assert "None did: at this size and length the check cannot tell them from retraining." in section

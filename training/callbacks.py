@@ -11,6 +11,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from training.model import load_network
+
 
 def read_history(path: Path) -> list[dict[str, float]]:
     """Reads a run's ``history.csv`` (Keras CSVLogger) into a list of per-epoch dicts."""
@@ -138,7 +140,7 @@ class ResumableState(keras.callbacks.Callback):
         self.early_stopping.best_epoch = state["early_stopping"]["best_epoch"]
         self.checkpoint.best = state["checkpoint_best"]
         if self.best_checkpoint.is_file():
-            best = keras.models.load_model(self.best_checkpoint, compile=False)
+            best = load_network(self.best_checkpoint)
             self.early_stopping.best_weights = best.get_weights()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:

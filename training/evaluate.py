@@ -39,11 +39,9 @@ def load_pipeline(model_path: Path, batch_size: int = 8, providers: Sequence[str
         raise DataError(f"{model_path}: expected a .keras checkpoint or an .onnx model")
     import keras
 
-    # Registers what a checkpoint names for deserialization: the focal loss, the ShadesOfGray layer.
-    import training.losses
-    import training.model  # noqa: F401
+    from training.model import load_network
 
-    model = keras.models.load_model(model_path, compile=False)
+    model = load_network(model_path)
     height, width = model.input_shape[1:3]
 
     def predict(batch: np.ndarray) -> np.ndarray:

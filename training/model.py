@@ -18,6 +18,7 @@ from pathlib import Path
 import keras
 from keras import layers, ops
 
+import training.losses  # noqa: F401  (registers the focal loss that compiled checkpoints name)
 from training.config import ARCHITECTURES
 
 # Encoder features the decoder concatenates, deepest first: output strides 16, 8, 4 and 2. In ResNet50V2
@@ -35,6 +36,15 @@ RESNET50V2_IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-appli
     RESNET50V2_IMAGENET_FILE
 )
 RESNET50V2_IMAGENET_HASH = "fac2f116257151a9d068a22e544a4917"
+
+
+def load_network(checkpoint: str | Path) -> keras.Model:
+    """Loads a ``.keras`` checkpoint's network, without its optimizer state.
+
+    This module registers everything a checkpoint of ours names (the focal losses, `ShadesOfGray`), so a
+    caller that loads through here needs nothing else imported first.
+    """
+    return keras.models.load_model(checkpoint, compile=False)
 
 
 def _check_input_size(input_size: Sequence[int], multiple: int) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,8 @@ def loso_section(runs: dict[str, Path]) -> list[str]:
     names = list(evaluations)
     base = evaluations[names[0]]
     held_out = ", ".join(f"`{root}`" for root in base.get("data", []))
-    cfg = TrainConfig.load(runs[names[0]] / "config.json")
+    configs = {name: TrainConfig.load(runs[name] / "config.json") for name in names}
+    cfg = configs[names[0]]
     trained_on = " + ".join(Path(root).name for root in cfg.data)
     lines = [
         "### Choosing the recipe: leave one source out",
@@ -152,10 +154,7 @@ def loso_section(runs: dict[str, Path]) -> list[str]:
         f"{first['failures']} of {first['n']} | {_fmt(base['mean']['sensitivity'])} | "
         f"{_fmt(base['mean']['specificity'])} | – | – | – |"
     )
-    configs = {name: TrainConfig.load(runs[name] / "config.json") for name in names}
-    controls = {
-        name: configs[name].seed for name in names[1:] if _seed_only(configs[names[0]], configs[name])
-    }
+    controls = {name: configs[name].seed for name in names[1:] if _seed_only(cfg, configs[name])}
     winners, spread = [], 0.0
     for name in names[1:]:
         result = compare(base, evaluations[name])
@@ -177,7 +176,7 @@ def loso_section(runs: dict[str, Path]) -> list[str]:
         seeds = ", ".join(f"`{name}`" for name in controls)
         lines += [
             "",
-            f"{seeds}: `{names[0]}`'s recipe with another seed (`{names[0]}` has {configs[names[0]].seed}). "
+            f"{seeds}: `{names[0]}`'s recipe with another seed (`{names[0]}` has {cfg.seed}). "
             f"Retraining alone moves this check by up to {spread:.3f} Jaccard, which the paired interval "
             "(over photos, for two given networks) does not show.",
         ]
@@ -199,11 +198,7 @@ def loso_section(runs: dict[str, Path]) -> list[str]:
 
 def _seed_only(base: TrainConfig, other: TrainConfig) -> bool:
     """Whether ``other`` is ``base``'s recipe with another seed (a retraining control, not an option)."""
-    ignored = {"seed", "out"}
-    first, second = base.to_json(), other.to_json()
-    return first["seed"] != second["seed"] and all(
-        first[key] == second[key] for key in first if key not in ignored
-    )
+    return other.seed != base.seed and replace(other, seed=base.seed, out=base.out) == base
 
 
 def _by_source(evaluation: dict[str, Any], sources: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -30,7 +30,7 @@ from training.config import ConfigError, TrainConfig, parse_source_weights
 from training.data import DataError, load_samples
 from training.dataset import EpochSync, SegmentationDataset
 from training.losses import get_loss
-from training.model import build_model
+from training.model import build_model, load_network
 from training.precision import warn_if_emulated
 from training.split import limit_samples, load_split, save_split, split_like_card, split_samples
 
@@ -99,7 +99,7 @@ def warm_start(model: keras.Model, checkpoint: Path) -> None:
     if not checkpoint.is_file():
         raise ConfigError(f"init from: no such checkpoint: {checkpoint}")
     try:
-        source = keras.models.load_model(checkpoint, compile=False)
+        source = load_network(checkpoint)
     except Exception as error:  # Keras raises ValueError, OSError, TypeError … for unreadable files
         raise ConfigError(f"init from: cannot load {checkpoint}: {error}") from None
     wanted, found = _weight_shapes(model), _weight_shapes(source)

@@ -64,9 +64,9 @@ def load_checkpoint_config(run_dir: Path) -> dict[str, Any] | None:
 
 
 def describe_normalization(config: dict[str, Any] | None) -> str:
-    arch = (config or {}).get("arch", "resnet50v2-unet")
-    inside = "x/255" if arch == "unet" else "x/127.5−1"
-    if (config or {}).get("color_constancy"):
+    config = config or {}
+    inside = "x/255" if config.get("arch", "resnet50v2-unet") == "unet" else "x/127.5−1"
+    if config.get("color_constancy"):
         inside = f"(Shades of Gray colour constancy first, then {inside})"
     return f"RGB 0–255 float32; the network rescales internally {inside}"
 

@@ -20,14 +20,10 @@ MIN_OPSET, MAX_OPSET = 17, 18
 
 def load_checkpoint(checkpoint: Path) -> Any:
     """Loads a ``.keras`` checkpoint without its optimizer state, as a float32 model."""
-    import keras
-
-    # Registers what a checkpoint names for deserialization: the focal loss, the ShadesOfGray layer.
-    import training.losses
-    import training.model  # noqa: F401
+    from training.model import load_network
 
     try:
-        model = keras.models.load_model(checkpoint, compile=False)
+        model = load_network(checkpoint)
     except Exception as error:  # Keras raises ValueError, OSError, TypeError … for unreadable files
         raise ExportError(f"cannot load the checkpoint {checkpoint}: {error}") from None
     return as_float32(model)
